@@ -1,0 +1,57 @@
+"""Default configuration: every key the program reads, with its default and its meaning."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # seeds parameter init, shuffling, augmentation and dropout
+
+    c.data = d = ml_collections.ConfigDict()
+    d.root = ""  # folder with {train,val,test}/{fractured,not_fractured}/ images
+    d.synthetic = False  # generate the phantom data set into `root` (or workdir/phantoms)
+    d.synthetic_per_class = 120  # phantom images per class in the train split
+    d.synthetic_size = 256  # phantom image side in pixels
+    d.prepared_dir = ""  # where the TFDS ArrayRecord copy goes (default: <workdir>/tfds)
+    d.num_workers = 2  # grain worker processes for decoding (0: decode in the main process)
+    d.prefetch = 2  # batches each worker prepares ahead
+    d.augment = a = ml_collections.ConfigDict()
+    a.flip = True  # random horizontal flip
+    a.rotate_deg = 10.0  # max rotation in degrees (0: off)
+    a.zoom = 0.1  # max random zoom-in fraction, as a random crop (0: off)
+    a.brightness = 0.1  # max brightness change as a fraction of 255 (0: off)
+    a.contrast = 0.1  # max contrast change factor around 1 (0: off)
+
+    c.model = m = ml_collections.ConfigDict()
+    m.name = "efficientnetb2"  # efficientnetb0..b7, resnet50 or vgg16
+    m.image_size = 260  # input side in pixels (the seed: 260)
+    m.pretrained = ml_collections.config_dict.placeholder(str)  # None, "imagenet" or an .h5 path
+    m.weights_cache = "~/.cache/fracture_jax"  # where downloaded Keras weight files are kept
+    m.dropout = 0.2  # dropout before the one-logit head
+    m.dtype = "float32"  # compute dtype: float32, or bfloat16 for GPU/TPU (params stay float32)
+
+    c.optimizer = o = ml_collections.ConfigDict()
+    o.name = "adam"  # adam or adamw
+    o.lr = 1e-4  # peak learning rate (the seed: Adam 1e-4)
+    o.weight_decay = 0.0  # decoupled weight decay (adamw)
+    o.grad_clip = 0.0  # global-norm gradient clipping (0: off)
+
+    c.schedule = s = ml_collections.ConfigDict()
+    s.name = "constant"  # constant, step_exp (the seed's) or warmup_cosine
+    s.constant_epochs = 3  # step_exp: epochs at the peak before the exponential decay
+    s.decay_rate = 0.9  # step_exp: multiplicative decay per epoch afterwards (the seed: exp(-0.1))
+    s.warmup_epochs = 1.0  # warmup_cosine: linear warmup length in epochs
+
+    c.train = t = ml_collections.ConfigDict()
+    t.batch_size = 32  # global batch, split across all devices
+    t.epochs = 7  # maximum number of epochs (the seed: 7)
+    t.freeze = "none"  # none, all (backbone), or a number of leading backbone layers
+    t.head_epochs = 0  # two-phase recipe: epochs with the backbone frozen before unfreezing
+    t.unfreeze_lr_scale = 0.1  # learning-rate factor after unfreezing
+    t.pos_weight = 1.0  # weight of the fractured class in the loss (imbalance)
+    t.label_smoothing = 0.0  # binary label smoothing
+    t.early_stop_metric = "val_auroc"  # metric watched by early stopping and the best checkpoint
+    t.patience = 3  # epochs without improvement before stopping
+    t.log_every = 10  # steps between log lines
+    t.steps_per_epoch = -1  # -1: one pass over the train split
+    return c

@@ -1,0 +1,27 @@
+"""What ``main.py`` runs for each mode, after logging the devices and checking the config."""
+
+import jax
+from absl import logging
+
+from fracture_jax.errors import UserError
+from fracture_jax.models import get_spec
+
+
+def log_devices():
+    logging.info("JAX %s, backend %s, process %d of %d, %d local / %d global devices: %s",
+                 jax.__version__, jax.default_backend(), jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.device_count(),
+                 ", ".join(sorted({d.device_kind for d in jax.devices()})))
+
+
+def run(config, workdir: str, mode: str, images: str | None = None):
+    log_devices()
+    get_spec(config.model.name)  # an unknown model name fails here, before any work
+    if mode == "train":
+        from fracture_jax.train import train_and_evaluate
+        train_and_evaluate(config, workdir)
+    elif mode == "inspect":
+        from fracture_jax.data.inspect import inspect_dataset
+        inspect_dataset(config, workdir)
+    else:
+        raise UserError(f"--mode={mode} is not available in this version; use train or inspect")

@@ -1,0 +1,1 @@
+"""Data: folder scan and validation, the TFDS dataset, grain pipelines, synthetic phantoms."""

@@ -1,0 +1,32 @@
+"""From a config to ready data: phantoms if asked, the validated TFDS copy, its sources."""
+
+import os
+
+from absl import logging
+
+from fracture_jax.data.builder import data_sources, prepare
+from fracture_jax.data.scan import LAYOUT
+from fracture_jax.data.synthetic import write_phantoms
+from fracture_jax.errors import UserError
+
+
+def data_root(config, workdir: str) -> str:
+    """The image folder: ``data.root``, or the phantoms' folder when ``data.synthetic``."""
+    root = config.data.root
+    if config.data.synthetic:
+        root = root or os.path.join(workdir, "phantoms")
+        write_phantoms(root, config.data.synthetic_per_class, config.data.synthetic_size,
+                       config.seed)
+        logging.info("synthetic phantom data set in %s", root)
+    elif not root:
+        raise UserError(f"no data folder: set --config.data.root=<root> with the layout {LAYOUT} "
+                        "(or --config.data.synthetic=True to generate phantoms)")
+    return root
+
+
+def load(config, workdir: str):
+    """``(scan report, {split: source})`` for the config's data, preparing it if needed."""
+    root = data_root(config, workdir)
+    prepared = config.data.prepared_dir or os.path.join(workdir, "tfds")
+    report = prepare(root, prepared)
+    return report, data_sources(prepared)

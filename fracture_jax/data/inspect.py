@@ -1,0 +1,61 @@
+"""``--mode=inspect``: the data summary (counts, skipped files, duplicates) and a sample grid."""
+
+import json
+import os
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from fracture_jax.data import dataset  # noqa: E402
+from fracture_jax.data.augment import resize  # noqa: E402
+from fracture_jax.data.decode import decode  # noqa: E402
+from fracture_jax.data.scan import CLASS_NAMES  # noqa: E402
+
+
+def summary(report) -> str:
+    lines = [f"data folder {report.root}"]
+    spellings = {k: v for k, v in report.folders.items() if k != v}
+    if spellings:
+        lines.append("folder spellings used: " + ", ".join(f"{v} as {k}" for k, v in spellings.items()))
+    for split, counts in report.counts().items():
+        lines.append(f"  {split:6s} " + "  ".join(f"{c}: {n}" for c, n in counts.items()))
+    lines.append(f"skipped files: {len(report.skipped)}")
+    lines += [f"  {rel}: {reason}" for rel, reason in report.skipped]
+    lines.append(f"duplicate groups (same bytes): {len(report.duplicates)}, "
+                 f"of which across splits (leakage): {len(report.leakage)}")
+    lines += [f"  leakage: {', '.join(g)}" for g in report.leakage]
+    return "\n".join(lines)
+
+
+def sample_grid(sources, path: str, per_class: int = 6, size: int = 160, seed: int = 0):
+    """A PNG with ``per_class`` train images of each class, one row per class."""
+    src = sources["train"]
+    labels = np.array([int(src[i]["label"]) for i in range(len(src))])
+    rng = np.random.default_rng(seed)
+    fig, axes = plt.subplots(2, per_class, figsize=(2 * per_class, 4.4), squeeze=False)
+    for label, cls in enumerate(CLASS_NAMES):
+        idx = np.flatnonzero(labels == label)
+        for ax, i in zip(axes[label], rng.choice(idx, min(per_class, len(idx)), replace=False)):
+            ex = src[int(i)]
+            ax.imshow(resize(decode(ex["image"], draft_size=size), size) / 255.0)
+            ax.set_title(cls, fontsize=8)
+        for ax in axes[label]:
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def inspect_dataset(config, workdir: str):
+    report, sources = dataset.load(config, workdir)
+    os.makedirs(workdir, exist_ok=True)
+    print(summary(report))
+    grid = os.path.join(workdir, "samples.png")
+    sample_grid(sources, grid, seed=config.seed)
+    with open(os.path.join(workdir, "data_summary.json"), "w") as f:
+        json.dump({"root": report.root, "counts": report.counts(), "skipped": report.skipped,
+                   "duplicates": report.duplicates, "leakage": report.leakage}, f, indent=1)
+    print(f"sample grid: {grid}")

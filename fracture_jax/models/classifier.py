@@ -1,0 +1,40 @@
+"""A backbone with global average pooling, and optionally the seed's one-logit head."""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from fracture_jax.models import layers as L
+from fracture_jax.models.registry import get_spec
+
+
+class FractureClassifier(nn.Module):
+    """RGB 0-255 images (N, H, W, 3) -> pooled features (N, C), or a fractured logit (N,).
+
+    With ``include_head`` the seed's head follows the pooling: dropout, then one dense unit
+    (``fracture_logit``) whose sigmoid is the probability of *fractured*. ``frozen`` counts
+    leading backbone layers with weights, in Keras order (a large number freezes them all).
+    """
+
+    model: str = "efficientnetb2"
+    include_head: bool = True
+    dropout_rate: float = 0.2
+    frozen: int = 0
+    imagenet_rescaling: bool = False
+    axis_name: str | None = None
+    dtype: jnp.dtype = jnp.float32
+
+    def backbone(self):
+        kw = dict(frozen=self.frozen, axis_name=self.axis_name, dtype=self.dtype, name="backbone")
+        if self.model.startswith("efficientnet"):
+            kw["imagenet_rescaling"] = self.imagenet_rescaling
+        return get_spec(self.model).build(**kw)
+
+    @nn.compact
+    def __call__(self, images, train: bool = False, return_maps: bool = False):
+        maps = self.backbone()(images, train)
+        feats = L.global_avg_pool(maps)
+        if not self.include_head:
+            return (feats, maps) if return_maps else feats
+        x = nn.Dropout(self.dropout_rate, name="head_dropout")(feats, deterministic=not train)
+        logits = L.Dense(1, name="fracture_logit")(x)[:, 0]
+        return (logits, maps) if return_maps else logits

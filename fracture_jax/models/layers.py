@@ -1,0 +1,162 @@
+"""Keras layers in Flax, with Keras' variable names, shapes and float32 arithmetic.
+
+Every layer stores its variables under the names Keras gives them (``kernel``, ``gamma``,
+``moving_mean``...) in the order Keras writes them, so a Keras weight file maps onto a layer
+by position. A layer built with ``frozen=True`` runs in inference mode and passes no gradient.
+"""
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_DIMS = ("NHWC", "HWIO", "NHWC")
+Pad = str | Sequence[tuple[int, int]]
+
+
+def _freeze(x, frozen: bool):
+    return lax.stop_gradient(x) if frozen else x
+
+
+class Conv2D(nn.Module):
+    """``keras.layers.Conv2D``: kernel (kh, kw, in, out) and optional bias."""
+
+    features: int
+    kernel_size: int
+    strides: int = 1
+    padding: Pad = "VALID"
+    use_bias: bool = True
+    frozen: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.kernel_size
+        kernel = self.param("kernel", nn.initializers.he_normal(), (k, k, x.shape[-1], self.features))
+        y = lax.conv_general_dilated(
+            x.astype(self.dtype), kernel.astype(self.dtype), (self.strides,) * 2,
+            self.padding, dimension_numbers=_DIMS)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+        return _freeze(y, self.frozen)
+
+
+class DepthwiseConv2D(nn.Module):
+    """``keras.layers.DepthwiseConv2D`` (depth multiplier 1): kernel stored as (kh, kw, C, 1)."""
+
+    kernel_size: int
+    strides: int = 1
+    padding: Pad = "VALID"
+    frozen: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        k, c = self.kernel_size, x.shape[-1]
+        kernel = self.param("depthwise_kernel", nn.initializers.he_normal(in_axis=-2, out_axis=-1),
+                            (k, k, c, 1))
+        y = lax.conv_general_dilated(
+            x.astype(self.dtype), kernel.reshape(k, k, 1, c).astype(self.dtype),
+            (self.strides,) * 2, self.padding, dimension_numbers=_DIMS, feature_group_count=c)
+        return _freeze(y, self.frozen)
+
+
+class Dense(nn.Module):
+    """``keras.layers.Dense``: kernel (in, out) and bias."""
+
+    features: int
+    frozen: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.glorot_uniform(), (x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        y = jnp.matmul(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+        return _freeze(y, self.frozen)
+
+
+class BatchNormalization(nn.Module):
+    """``keras.layers.BatchNormalization`` over the last axis, Keras' formula and update rule.
+
+    Inference computes ``x * inv + (beta - mean * inv)`` with ``inv = rsqrt(var + eps) * gamma``
+    exactly as Keras' JAX backend does. Training normalises with the batch moments, synced
+    across devices through ``axis_name``, and updates the moving averages with ``momentum``.
+    """
+
+    epsilon: float = 1e-3
+    momentum: float = 0.99
+    axis_name: str | None = None
+    frozen: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        c = x.shape[-1]
+        gamma = self.param("gamma", nn.initializers.ones, (c,))
+        beta = self.param("beta", nn.initializers.zeros, (c,))
+        moving_mean = self.variable("batch_stats", "moving_mean", jnp.zeros, (c,), jnp.float32)
+        moving_var = self.variable("batch_stats", "moving_variance", jnp.ones, (c,), jnp.float32)
+        if train and not self.frozen:
+            xf = x.astype(jnp.float32)
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(xf, axes)
+            mean_sq = jnp.mean(jnp.square(xf), axes)
+            if self.axis_name is not None:
+                mean, mean_sq = lax.pmean((mean, mean_sq), self.axis_name)
+            var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+            if not self.is_initializing():
+                m = self.momentum
+                moving_mean.value = moving_mean.value * m + mean * (1.0 - m)
+                moving_var.value = moving_var.value * m + var * (1.0 - m)
+        else:
+            mean, var = moving_mean.value, moving_var.value
+        inv = lax.rsqrt(var + self.epsilon) * gamma
+        res = -mean * inv + beta
+        y = x * inv.astype(self.dtype) + res.astype(self.dtype)
+        return _freeze(y, self.frozen)
+
+
+class Normalization(nn.Module):
+    """``keras.layers.Normalization`` on the channel axis: ``(x - mean) / max(sqrt(var), 1e-7)``.
+
+    Its statistics are constants of the data, not trained: they live in ``batch_stats``
+    (``mean``, ``variance``, ``count``, Keras' order) and are never updated here.
+    """
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32).value
+        var = self.variable("batch_stats", "variance", jnp.ones, (c,), jnp.float32).value
+        self.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.int32))
+        return (x - mean) / jnp.maximum(jnp.sqrt(var), 1e-7)
+
+
+def zero_pad(x, pads: Sequence[tuple[int, int]]):
+    """``keras.layers.ZeroPadding2D`` on NHWC."""
+    return jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+
+
+def correct_pad(x, kernel_size: int):
+    """Keras' ``imagenet_utils.correct_pad``: the padding before a stride-2 'valid' conv."""
+    h, w = x.shape[1:3]
+    c = kernel_size // 2
+    return ((c - (1 - h % 2), c), (c - (1 - w % 2), c))
+
+
+def max_pool(x, window: int, strides: int, padding: str = "VALID"):
+    """``keras.layers.MaxPooling2D`` on NHWC."""
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1),
+                             (1, strides, strides, 1), padding)
+
+
+def global_avg_pool(x):
+    """``keras.layers.GlobalAveragePooling2D`` on NHWC, in float32."""
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+swish = jax.nn.silu
+relu = jax.nn.relu

@@ -1,0 +1,62 @@
+"""ResNet50 (v1) as ``keras.applications.ResNet50`` builds it (no top).
+
+Keras' "caffe" preprocessing (RGB to BGR, minus the ImageNet channel means) runs inside.
+"""
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jax import lax
+
+from fracture_jax.models import layers as L
+
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+STAGES = (("conv2", 64, 3, 1), ("conv3", 128, 4, 2), ("conv4", 256, 6, 2), ("conv5", 512, 3, 2))
+
+
+def caffe_preprocess(x):
+    """``imagenet_utils.preprocess_input(mode="caffe")``: RGB 0-255 -> BGR minus means."""
+    return x.astype(jnp.float32)[..., ::-1] - jnp.asarray(CAFFE_MEAN_BGR, jnp.float32)
+
+
+class ResNet50(nn.Module):
+    """ResNet50 v1 feature extractor: RGB 0-255 in, last feature map (N, h, w, 2048) out.
+
+    ``frozen`` is the number of leading layers (with weights, in Keras order) that are frozen.
+    """
+
+    frozen: int = 0
+    axis_name: str | None = None
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        count = iter(range(10**6))
+
+        def conv(name, features, k, stride=1, padding="VALID"):
+            return L.Conv2D(features, k, stride, padding, frozen=next(count) < self.frozen,
+                            dtype=self.dtype, name=name)
+
+        def bn(name, y):
+            return L.BatchNormalization(epsilon=1.001e-5, axis_name=self.axis_name,
+                                        frozen=next(count) < self.frozen, dtype=self.dtype,
+                                        name=name)(y, train)
+
+        x = caffe_preprocess(x)
+        if self.frozen > 0:
+            x = lax.stop_gradient(x)
+        x = L.zero_pad(x.astype(self.dtype), ((3, 3), (3, 3)))
+        x = L.relu(bn("conv1_bn", conv("conv1_conv", 64, 7, 2)(x)))
+        x = L.max_pool(L.zero_pad(x, ((1, 1), (1, 1))), 3, 2)
+        for stage, filters, blocks, stride in STAGES:
+            for i in range(1, blocks + 1):
+                name = f"{stage}_block{i}"
+                s = stride if i == 1 else 1
+                if i == 1:
+                    shortcut = bn(name + "_0_bn", conv(name + "_0_conv", 4 * filters, 1, s)(x))
+                else:
+                    shortcut = x
+                y = L.relu(bn(name + "_1_bn", conv(name + "_1_conv", filters, 1, s)(x)))
+                y = L.relu(bn(name + "_2_bn", conv(name + "_2_conv", filters, 3, 1, "SAME")(y)))
+                y = bn(name + "_3_bn", conv(name + "_3_conv", 4 * filters, 1)(y))
+                x = L.relu(shortcut + y)
+        return x
