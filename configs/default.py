@@ -23,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
     a.contrast = 0.1  # max contrast change factor around 1 (0: off)
 
     c.model = m = ml_collections.ConfigDict()
-    m.name = "efficientnetb2"  # efficientnetb0..b7, resnet50 or vgg16
+    m.name = "efficientnetb2"  # efficientnetb0..b7, resnet50, vgg16 (or smallcnn, no weights)
     m.image_size = 260  # input side in pixels (the seed: 260)
     m.pretrained = ml_collections.config_dict.placeholder(str)  # None, "imagenet" or an .h5 path
     m.weights_cache = "~/.cache/fracture_jax"  # where downloaded Keras weight files are kept
@@ -31,10 +31,11 @@ def get_config() -> ml_collections.ConfigDict:
     m.dtype = "float32"  # compute dtype: float32, or bfloat16 for GPU/TPU (params stay float32)
 
     c.optimizer = o = ml_collections.ConfigDict()
-    o.name = "adam"  # adam or adamw
+    o.name = "adam"  # adam, adamw or sgd
     o.lr = 1e-4  # peak learning rate (the seed: Adam 1e-4)
     o.weight_decay = 0.0  # decoupled weight decay (adamw)
     o.grad_clip = 0.0  # global-norm gradient clipping (0: off)
+    o.momentum = 0.9  # sgd: momentum (0: plain SGD)
 
     c.schedule = s = ml_collections.ConfigDict()
     s.name = "constant"  # constant, step_exp (the seed's) or warmup_cosine
@@ -52,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     t.label_smoothing = 0.0  # binary label smoothing
     t.early_stop_metric = "val_auroc"  # metric watched by early stopping and the best checkpoint
     t.patience = 3  # epochs without improvement before stopping
-    t.log_every = 10  # steps between log lines
+    t.log_every = 10  # steps between progress lines
+    t.checkpoint_every = 200  # steps between mid-epoch checkpoints (0: only at epoch ends)
     t.steps_per_epoch = -1  # -1: one pass over the train split
     return c

@@ -15,6 +15,7 @@ def log_devices():
 
 
 def run(config, workdir: str, mode: str, images: str | None = None):
+    quiet_libraries()
     log_devices()
     get_spec(config.model.name)  # an unknown model name fails here, before any work
     if mode == "train":
@@ -25,3 +26,17 @@ def run(config, workdir: str, mode: str, images: str | None = None):
         inspect_dataset(config, workdir)
     else:
         raise UserError(f"--mode={mode} is not available in this version; use train or inspect")
+
+
+class _QuietLibraries:
+    """A logging filter that keeps the INFO chatter of checkpoint and dataset libraries out."""
+
+    NOISY = ("orbax", "tensorflow_datasets", "grain", "etils")
+
+    def filter(self, record) -> bool:
+        return record.levelno > 20 or not any(n in record.pathname for n in self.NOISY)
+
+
+def quiet_libraries():
+    import logging as std_logging
+    std_logging.getLogger("absl").addFilter(_QuietLibraries())

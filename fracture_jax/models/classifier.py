@@ -1,6 +1,7 @@
 """A backbone with global average pooling, and optionally the seed's one-logit head."""
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from fracture_jax.models import layers as L
@@ -38,3 +39,19 @@ class FractureClassifier(nn.Module):
         x = nn.Dropout(self.dropout_rate, name="head_dropout")(feats, deterministic=not train)
         logits = L.Dense(1, name="fracture_logit")(x)[:, 0]
         return (logits, maps) if return_maps else logits
+
+
+def backbone_layers(model: str, image_size: int = 32) -> tuple[str, ...]:
+    """The backbone's layers with weights, in Keras' order (the order ``frozen`` counts in)."""
+    names = []
+
+    def record(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and isinstance(context.module, L.KERAS_LAYERS):
+            if context.module.name not in names:
+                names.append(context.module.name)
+        return next_fun(*args, **kwargs)
+
+    module = FractureClassifier(model=model, include_head=False)
+    with nn.intercept_methods(record):
+        jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
+    return tuple(names)

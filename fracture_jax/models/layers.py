@@ -20,6 +20,48 @@ def _freeze(x, frozen: bool):
     return lax.stop_gradient(x) if frozen else x
 
 
+def conv2d(x, kernel, strides: int, padding: Pad):
+    """A dense convolution; 1x1 kernels run as a matmul (XLA's CPU convolutions use one core,
+    its matmuls all of them, and the matmul's gradients are matmuls too)."""
+    kh, kw, cin, cout = kernel.shape
+    if kh == kw == 1:
+        if strides > 1:
+            x = x[:, ::strides, ::strides, :]
+        return lax.dot_general(x, kernel.reshape(cin, cout), (((3,), (0,)), ((), ())))
+    return lax.conv_general_dilated(x, kernel, (strides,) * 2, padding, dimension_numbers=_DIMS)
+
+
+def _same_pads(size: int, k: int, stride: int) -> tuple[int, int]:
+    out = -(-size // stride)
+    total = max((out - 1) * stride + k - size, 0)
+    return total // 2, total - total // 2
+
+
+def depthwise_conv2d(x, kernel, strides: int, padding: Pad):
+    """A depthwise convolution with kernel (kh, kw, C, 1). On CPU it runs as a sum of k*k
+    shifted, scaled copies of the input: XLA's CPU depthwise kernel (and its gradient) is
+    10-50x slower, and the sum gives the same float32 result. Elsewhere: XLA's own."""
+    kh, kw, c, _ = kernel.shape
+    if jax.default_backend() != "cpu":
+        return lax.conv_general_dilated(x, kernel.reshape(kh, kw, 1, c), (strides,) * 2, padding,
+                                        dimension_numbers=_DIMS, feature_group_count=c)
+    if padding == "SAME":
+        padding = (_same_pads(x.shape[1], kh, strides), _same_pads(x.shape[2], kw, strides))
+    if padding != "VALID":
+        x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+    n, h, w, _ = x.shape
+    oh, ow = (h - kh) // strides + 1, (w - kw) // strides + 1
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            patch = lax.slice(x, (0, i, j, 0), (n, i + (oh - 1) * strides + 1,
+                                                j + (ow - 1) * strides + 1, c),
+                              (1, strides, strides, 1))
+            term = patch * kernel[i, j, :, 0]
+            out = term if out is None else out + term
+    return out
+
+
 class Conv2D(nn.Module):
     """``keras.layers.Conv2D``: kernel (kh, kw, in, out) and optional bias."""
 
@@ -35,9 +77,7 @@ class Conv2D(nn.Module):
     def __call__(self, x):
         k = self.kernel_size
         kernel = self.param("kernel", nn.initializers.he_normal(), (k, k, x.shape[-1], self.features))
-        y = lax.conv_general_dilated(
-            x.astype(self.dtype), kernel.astype(self.dtype), (self.strides,) * 2,
-            self.padding, dimension_numbers=_DIMS)
+        y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.padding)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
         return _freeze(y, self.frozen)
@@ -57,9 +97,8 @@ class DepthwiseConv2D(nn.Module):
         k, c = self.kernel_size, x.shape[-1]
         kernel = self.param("depthwise_kernel", nn.initializers.he_normal(in_axis=-2, out_axis=-1),
                             (k, k, c, 1))
-        y = lax.conv_general_dilated(
-            x.astype(self.dtype), kernel.reshape(k, k, 1, c).astype(self.dtype),
-            (self.strides,) * 2, self.padding, dimension_numbers=_DIMS, feature_group_count=c)
+        y = depthwise_conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides,
+                             self.padding)
         return _freeze(y, self.frozen)
 
 
@@ -160,3 +199,6 @@ def global_avg_pool(x):
 
 swish = jax.nn.silu
 relu = jax.nn.relu
+
+
+KERAS_LAYERS = (Conv2D, DepthwiseConv2D, Dense, BatchNormalization, Normalization)

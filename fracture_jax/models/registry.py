@@ -8,6 +8,7 @@ import flax.linen as nn
 from fracture_jax.errors import UserError
 from fracture_jax.models.efficientnet import VARIANTS, EfficientNet
 from fracture_jax.models.resnet import ResNet50
+from fracture_jax.models.smallcnn import SmallCNN
 from fracture_jax.models.vgg import VGG16
 
 _KERAS = "https://storage.googleapis.com/tensorflow/keras-applications/"
@@ -39,8 +40,8 @@ class ModelSpec:
     name: str
     default_size: int
     build: Callable[..., nn.Module]  # build(frozen=, axis_name=, dtype=, ...) -> backbone
-    notop: WeightsFile
-    top: WeightsFile
+    notop: WeightsFile | None  # the published Keras files (None: no pretrained weights)
+    top: WeightsFile | None
     top_layers: tuple[str, ...]  # layers of with-top files that the backbone ignores
     uses_batchnorm: bool = True
 
@@ -75,6 +76,7 @@ MODELS: dict[str, ModelSpec] = {
                           ("predictions",)),
     "vgg16": ModelSpec("vgg16", 224, lambda **kw: VGG16(**kw), _vgg_notop, _vgg_top,
                        ("fc1", "fc2", "predictions"), uses_batchnorm=False),
+    "smallcnn": ModelSpec("smallcnn", 64, lambda **kw: SmallCNN(**kw), None, None, ()),
 }
 
 

@@ -74,6 +74,9 @@ def resolve_weights(model: str, pretrained: str | None, cache_dir: str | os.Path
         return None
     if pretrained == "imagenet":
         spec = get_spec(model)
+        if spec.notop is None:
+            raise WeightsError(f"{spec.name} has no published ImageNet weights; "
+                               "set model.pretrained=None")
         return fetch_published(spec.top if include_top else spec.notop, cache_dir)
     path = Path(pretrained).expanduser()
     if not path.is_file():

@@ -1,0 +1,89 @@
+"""Orbax checkpoints of a run: the latest (for resuming) and the best (by a val metric).
+
+Each checkpoint is one step directory with three items: ``state`` (the train state pytree),
+``data`` (the grain iterator's state) and ``meta`` (JSON: config, epoch, metrics, history).
+Orbax writes into a temporary directory and renames it when complete, so a process killed
+mid-save leaves nothing that a restart would mistake for a checkpoint.
+"""
+
+import os
+
+import grain
+import orbax.checkpoint as ocp
+
+
+class RunCheckpoints:
+    """``latest/`` keeps the newest checkpoint, ``best/`` the one with the best metric."""
+
+    def __init__(self, workdir: str, metric: str, mode: str = "max"):
+        root = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        items = ("state", "data", "meta")
+        self.metric = metric
+        self.latest = ocp.CheckpointManager(
+            os.path.join(root, "latest"), item_names=items,
+            options=ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False,
+                                                 cleanup_tmp_directories=True))
+        self.best = ocp.CheckpointManager(
+            os.path.join(root, "best"), item_names=items,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=1, best_fn=lambda m: m[metric], best_mode=mode,
+                keep_checkpoints_without_metrics=False, enable_async_checkpointing=False,
+                cleanup_tmp_directories=True))
+
+    @staticmethod
+    def _args(state, data_iter, meta):
+        return ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  data=grain.checkpoint.CheckpointSave(data_iter),
+                                  meta=ocp.args.JsonSave(meta))
+
+    def save_latest(self, step: int, state, data_iter, meta: dict):
+        self.latest.save(step, args=self._args(state, data_iter, meta), force=True)
+        self.latest.wait_until_finished()
+
+    def save_best(self, step: int, state, data_iter, meta: dict, metrics: dict):
+        self.best.save(step, args=self._args(state, data_iter, meta), metrics=metrics, force=True)
+        self.best.wait_until_finished()
+
+    @staticmethod
+    def _restore(manager, target_state, data_iter):
+        step = manager.latest_step()
+        if step is None:
+            return None
+        args = {"state": ocp.args.StandardRestore(target_state),
+                "meta": ocp.args.JsonRestore()}
+        if data_iter is not None:
+            args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        restored = manager.restore(step, args=ocp.args.Composite(**args))
+        return restored.state, restored.meta
+
+    def restore_latest(self, target_state, data_iter):
+        """(state, meta) of the newest complete checkpoint, restoring ``data_iter`` in place;
+        None when there is none."""
+        return self._restore(self.latest, target_state, data_iter)
+
+    def restore_best_weights(self) -> dict | None:
+        """``{'step', 'params', 'batch_stats'}`` of the best checkpoint (host arrays), or None.
+        Restored without a target: the best may come from another phase of the run."""
+        step = self.best.latest_step()
+        if step is None:
+            return None
+        raw = self.best.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        return {k: raw.state[k] for k in ("step", "params", "batch_stats")}
+
+    @staticmethod
+    def _meta(manager) -> dict | None:
+        step = manager.latest_step()
+        if step is None:
+            return None
+        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def latest_meta(self) -> dict | None:
+        """The JSON metadata of the newest checkpoint, without restoring its arrays."""
+        return self._meta(self.latest)
+
+    def best_meta(self) -> dict | None:
+        return self._meta(self.best)
+
+    def close(self):
+        self.latest.close()
+        self.best.close()
