@@ -1,0 +1,104 @@
+"""Checkpoints: a run killed with SIGKILL at a random step resumes to bitwise the same result;
+half-written checkpoints are never used; a non-finite loss stops with the last good state."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import REPO
+from test_train import tiny_config
+
+from fracture_jax.errors import UserError
+from fracture_jax.train import train_and_evaluate
+
+STEPS_PER_EPOCH, EPOCHS = 3, 3  # 24 phantom train images, batch 8
+
+
+def _command(workdir, root):
+    overrides = {"model.name": "smallcnn", "model.image_size": 32, "data.root": root,
+                 "data.num_workers": 1, "train.batch_size": 8, "train.epochs": EPOCHS,
+                 "train.patience": 9, "train.checkpoint_every": 1, "train.log_every": 1,
+                 "optimizer.lr": 3e-3}
+    return [sys.executable, str(REPO / "main.py"), "--config=" + str(REPO / "configs/default.py"),
+            f"--workdir={workdir}", "--mode=train"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def _run(workdir, root, kill_at_step=None):
+    proc = subprocess.Popen(_command(workdir, root), cwd=REPO, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    log = []
+    for line in proc.stderr:
+        log.append(line)
+        if kill_at_step is not None and " step " in line and " img/s" in line:
+            epoch = int(line.split("epoch ")[1].split("/")[0])
+            step = int(line.split(" step ")[1].split("/")[0])
+            if (epoch - 1) * STEPS_PER_EPOCH + step >= kill_at_step:
+                proc.send_signal(signal.SIGKILL)
+                break
+    proc.wait()
+    return proc.returncode, "".join(log)
+
+
+def _best_state(workdir):
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints", "best"))
+    restored = manager.restore(manager.latest_step(),
+                               args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    manager.close()
+    return restored.state
+
+
+def test_sigkill_at_random_step_then_resume_is_bitwise_identical(phantom_root, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    rc, log = _run(straight, phantom_root)
+    assert rc == 0, log[-3000:]
+    kill_at = random.Random().randint(2, STEPS_PER_EPOCH * EPOCHS - 1)
+    rc, log = _run(killed, phantom_root, kill_at_step=kill_at)
+    assert rc == -signal.SIGKILL, f"not killed at step {kill_at}: {log[-2000:]}"
+    rc, log = _run(killed, phantom_root)
+    assert rc == 0, log[-3000:]
+    assert "resumed from" in log
+    a, b = _best_state(straight), _best_state(killed)
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        assert np.array_equal(np.asarray(x), np.asarray(y)), f"differs after kill at {kill_at}"
+    history = [json.loads((d / "history.json").read_text()) for d in (straight, killed)]
+    assert history[0] == history[1]
+
+
+def test_half_written_checkpoint_is_ignored(phantom_root, tmp_path):
+    config = tiny_config(**{"data.root": str(phantom_root), "data.num_workers": 0,
+                            "train.epochs": 1})
+    train_and_evaluate(config, str(tmp_path))
+    latest = tmp_path / "checkpoints" / "latest"
+    (steps,) = [p.name for p in latest.iterdir()]
+    partial = latest / "99.orbax-checkpoint-tmp-1700000000"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "garbage").write_bytes(b"\0" * 100)
+    config.train.epochs = 2
+    state = train_and_evaluate(config, str(tmp_path))
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]  # resumed after epoch 1, not from step 99
+    assert int(state.step) in (3, 6) and int(steps) == 3
+
+
+def test_non_finite_loss_stops_with_last_good_checkpoint(phantom_root, tmp_path):
+    config = tiny_config(**{"data.root": str(phantom_root), "data.num_workers": 0,
+                            "optimizer.lr": 1e30, "optimizer.momentum": 0.0,
+                            "train.checkpoint_every": 1})
+    with pytest.raises(UserError, match=r"loss is (nan|inf)"):
+        train_and_evaluate(config, str(tmp_path))
+    latest = tmp_path / "checkpoints" / "latest"
+    for step in latest.iterdir():
+        manager = ocp.CheckpointManager(latest)
+        state = manager.restore(int(step.name), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore())).state
+        manager.close()
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
