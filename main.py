@@ -19,6 +19,18 @@ flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "inspect"], "Wha
 flags.DEFINE_string("images", None, "predict: an image file, a folder or a glob.")
 
 
+def parse_flags(argv):
+    """absl's parsing, with a bad config override (unknown key, wrong type) as one line."""
+    try:
+        rest = FLAGS(argv)
+        FLAGS.config.to_dict()  # a config file loads lazily: load it here, inside the try
+        return rest
+    except (flags.Error, OSError, AttributeError, KeyError, TypeError, ValueError) as e:
+        message = " ".join(str(e).replace("\\n", " ").replace("\\'", "'").split()).strip("'")
+        print(f"error: bad command line: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -34,4 +46,4 @@ def main(argv):
 
 
 if __name__ == "__main__":  # grain's worker processes start by importing this module
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -57,3 +57,13 @@ def get_config() -> ml_collections.ConfigDict:
     t.checkpoint_every = 200  # steps between mid-epoch checkpoints (0: only at epoch ends)
     t.steps_per_epoch = -1  # -1: one pass over the train split
     return c
+
+
+def seed_setup(model: str) -> ml_collections.ConfigDict:
+    """The seed notebook's recipe for ``model``: ImageNet weights, 260 px, batch 32, Adam 1e-4,
+    7 epochs, early stopping after 3 epochs without a better val AUROC."""
+    c = get_config()
+    c.model.name, c.model.image_size, c.model.pretrained = model, 260, "imagenet"
+    c.train.batch_size, c.optimizer.name, c.optimizer.lr = 32, "adam", 1e-4
+    c.train.epochs, c.train.patience = 7, 3
+    return c

@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from fracture_jax.data.scan import CLASS_NAMES, ScanReport, fingerprint, scan_folder
+from fracture_jax.data.scan import CLASS_NAMES, ScanReport, find_layout, fingerprint, scan_folder
 
 tfds.disable_progress_bar()
 
@@ -55,6 +55,7 @@ def _dataset_dir(data_dir: Path) -> Path:
 
 def prepare(root: str, data_dir: str) -> ScanReport:
     """Build (or reuse) the ArrayRecord copy of ``root`` under ``data_dir``; its scan report."""
+    find_layout(root)  # layout errors, named, before any work
     data_dir = Path(data_dir).expanduser()
     out = _dataset_dir(data_dir)
     stamp = fingerprint(root)
