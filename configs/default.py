@@ -51,7 +51,8 @@ def get_config() -> ml_collections.ConfigDict:
     t.unfreeze_lr_scale = 0.1  # learning-rate factor after unfreezing
     t.pos_weight = 1.0  # weight of the fractured class in the loss (imbalance)
     t.label_smoothing = 0.0  # binary label smoothing
-    t.early_stop_metric = "val_auroc"  # metric watched by early stopping and the best checkpoint
+    t.early_stop_metric = "val_auroc"  # watched by early stopping and the best checkpoint
+    # (val_auroc, val_accuracy: higher is better; val_loss: lower is better)
     t.patience = 3  # epochs without improvement before stopping
     t.log_every = 10  # steps between progress lines
     t.checkpoint_every = 200  # steps between mid-epoch checkpoints (0: only at epoch ends)

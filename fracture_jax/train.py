@@ -263,6 +263,15 @@ class _Progress:
         self.last, self.last_step = now, i + 1
 
 
+def _write_json(workdir: str, name: str, obj):
+    """Write ``workdir/name`` atomically, from the first process only."""
+    if jax.process_index() == 0:
+        tmp = os.path.join(workdir, f".{name}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, os.path.join(workdir, name))
+
+
 def _tensorboard(workdir):
     if jax.process_index() != 0:
         return None
@@ -295,7 +304,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     aug = Augment.from_config(config.data.augment)
     train_iter = iter(train_dataset(sources["train"], config.model.image_size, batch, config.seed,
                                     aug, config.data.num_workers, config.data.prefetch))
-    ckpt = RunCheckpoints(workdir, config.train.early_stop_metric)
+    minimise = config.train.early_stop_metric.endswith("loss")
+    ckpt = RunCheckpoints(workdir, config.train.early_stop_metric, "min" if minimise else "max")
 
     meta = {"epoch": 0, "step_in_epoch": 0, "phase": 0, "history": [], "best": None,
             "bad_epochs": 0, "acc_logits": [], "acc_labels": []}
@@ -363,11 +373,13 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
             for k, v in metrics.items():
                 writer.add_scalar(k.replace("_", "/", 1), v, epoch + 1)
         value = metrics[config.train.early_stop_metric]
-        improved = meta["best"] is None or (math.isfinite(value) and value > meta["best"])
+        improved = meta["best"] is None or (math.isfinite(value) and (
+            value < meta["best"] if minimise else value > meta["best"]))
         meta.update(epoch=epoch + 1, step_in_epoch=0, acc_logits=[], acc_labels=[],
                     history=meta["history"] + [metrics],
                     best=value if improved else meta["best"],
                     bad_epochs=0 if improved else meta["bad_epochs"] + 1)
+        _write_json(workdir, "history.json", meta["history"])
         step = int(state.step)
         ckpt.save_latest(step, state, train_iter, checkpoint_meta())
         if improved:
@@ -386,11 +398,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     final = {split: epoch_metrics(*predict_logits(program.eval_step, state, src, config, mesh),
                                   split)
              for split, src in sources.items() if split != "train"}
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "history.json"), "w") as f:
-            json.dump(meta["history"], f, indent=1)
-        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-            json.dump(final, f, indent=1)
+    _write_json(workdir, "history.json", meta["history"])
+    _write_json(workdir, "final_metrics.json", final)
     for split, m in final.items():
         logging.info("final %s: %s", split, ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
     if writer:

@@ -40,22 +40,22 @@ def _rotate(x, y, angle):
 
 def _fracture(u, v, half_len, radius, rng):
     """A broken bone: two fragments on either side of a fracture line, plus its gap."""
-    kind = rng.choice(["transverse", "oblique", "comminuted", "incomplete"], p=[.3, .3, .15, .25])
+    kind = rng.choice(["transverse", "oblique", "comminuted", "incomplete"], p=[.35, .35, .15, .15])
     u0 = rng.uniform(-0.6, 0.6) * half_len
     phi = rng.uniform(-0.25, 0.25) if kind in ("transverse", "incomplete") else \
         rng.choice([-1, 1]) * rng.uniform(0.35, 1.0)
     s = (u - u0) * np.cos(phi) + v * np.sin(phi)  # signed distance to the fracture line
-    gap = rng.uniform(0.8, 2.5)
+    gap = rng.uniform(0.15, 0.4) * radius
     if kind == "incomplete":  # a crack through one cortex only, no displacement
         side = rng.choice([-1, 1])
         mask = (np.abs(s) < gap / 2) & (side * v > rng.uniform(-0.1, 0.3) * radius)
-        return _bone(u, v, half_len, radius, rng) * np.where(mask, 0.2, 1.0)
-    shift = rng.uniform(0.0, 0.5) * radius * rng.choice([-1, 1])
-    angulation = rng.uniform(-0.12, 0.12)
+        return _bone(u, v, half_len, radius, rng) * np.where(mask, 0.1, 1.0)
+    shift = rng.uniform(0.1, 0.6) * radius * rng.choice([-1, 1])
+    angulation = rng.uniform(-0.2, 0.2)
     uf, vf = _rotate(u - u0, v, angulation)
     far = _bone(uf + u0 + rng.uniform(-1.0, 2.0), vf - shift, half_len, radius, rng)
     near = _bone(u, v, half_len, radius, rng)
-    img = np.where(s < 0, near, far) * np.where(np.abs(s) < gap / 2, 0.15, 1.0)
+    img = np.where(s < 0, near, far) * np.where(np.abs(s) < gap / 2, 0.1, 1.0)
     if kind == "comminuted":  # a second line close by, leaving a butterfly fragment
         s2 = (u - u0 - rng.uniform(3, 8)) * np.cos(-phi) + v * np.sin(-phi)
         img = img * np.where(np.abs(s2) < gap / 2, 0.2, 1.0)
@@ -90,7 +90,7 @@ def phantom(rng: np.random.Generator, size: int = 256, fractured: bool = False) 
     atten = 0.2 * tissue * rng.uniform(0.7, 1.3)
 
     bone = _fracture(u, v, half_len, radius, rng) if fractured else _bone(u, v, half_len, radius, rng)
-    if rng.random() < 0.5:
+    if rng.random() < 0.35:
         bone = bone * _lookalike(bone.shape, u, v, radius, half_len, rng)
     if rng.random() < 0.5:  # a second, parallel bone (radius and ulna, tibia and fibula)
         gap = radius * rng.uniform(1.9, 2.8) * rng.choice([-1, 1])
@@ -103,7 +103,7 @@ def phantom(rng: np.random.Generator, size: int = 256, fractured: bool = False) 
     img = img + rng.uniform(0.0, 0.08) + 0.05 * (x / size) * rng.uniform(-1, 1)
     img = np.clip(img, 0, 1) ** rng.uniform(0.8, 1.25)
     pil = Image.fromarray((img * 255).astype(np.uint8)).filter(
-        ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
+        ImageFilter.GaussianBlur(rng.uniform(0.2, 0.8) * size / 256))
     img = np.asarray(pil, np.float32) / 255.0
     img = img + rng.normal(0, rng.uniform(0.01, 0.04), img.shape) * np.sqrt(img + 0.05)
     return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
