@@ -94,8 +94,6 @@ class _Server:
     """A loopback HTTP server serving ``files`` (path -> bytes); ``cut`` paths stop midway."""
 
     def __init__(self, files, cut=()):
-        outer = self
-
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 body = files.get(self.path)
@@ -113,7 +111,6 @@ class _Server:
         self.httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        outer.files = files
 
     def close(self):
         self.httpd.shutdown()

@@ -57,10 +57,9 @@ def _normalise_mode(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if img.mode in ("1", "P"):
-        img = img.convert("RGB") if img.mode == "P" else img.convert("L")
-        return img
-    return img.convert("RGB")  # CMYK, YCbCr, LAB, HSV...
+    if img.mode == "1":
+        return img.convert("L")
+    return img.convert("RGB")  # palette, CMYK, YCbCr, LAB, HSV...
 
 
 def decode(data: bytes, name: str = "<bytes>", draft_size: int | None = None) -> Image.Image:

@@ -7,6 +7,7 @@ import functools
 import grain
 import jax
 import numpy as np
+from absl import flags
 
 from fracture_jax.data.augment import augment, resize
 from fracture_jax.data.decode import decode
@@ -51,6 +52,8 @@ def _iterate(ds: grain.MapDataset, num_workers: int, prefetch: int) -> grain.Ite
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, 2 * prefetch),
                                               prefetch_buffer_size=4 * prefetch))
     if num_workers > 0:
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (notebooks, scripts)
+            flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
                                                          per_worker_buffer_size=prefetch))
     return it

@@ -124,7 +124,7 @@ def scan_folder(root: str | os.PathLike, workers: int = 4) -> ScanReport:
     duplicates = [paths for paths in by_hash.values() if len(paths) > 1]
     split_of = {rel: s for s, ex in examples.items() for rel, _, _ in ex}
     leakage = [g for g in duplicates if len({split_of[p] for p in g}) > 1]
-    folders = {s: f for s, f in splits.items()} | classes
+    folders = dict(splits) | classes
     return ScanReport(str(root), folders, examples, skipped, duplicates, leakage)
 
 
