@@ -154,13 +154,15 @@ def make_eval_step(model, mesh):
 def predict_logits(eval_step, state, source, config, mesh) -> tuple[np.ndarray, np.ndarray]:
     """Logits and labels of every example of ``source`` exactly once (padding masked out)."""
     logits, labels = [], []
-    for batch in eval_dataset(source, config.model.image_size, config.train.batch_size,
-                              config.data.num_workers, config.data.prefetch):
+    batches = iter(eval_dataset(source, config.model.image_size, config.train.batch_size,
+                                config.data.num_workers, config.data.prefetch))
+    for batch in batches:
         images = parallel.shard_batch({"image": batch["image"]}, mesh)["image"]
         out = np.asarray(jax.device_get(eval_step(state, {"image": images})))
         mask = batch["mask"]
         logits.append(out[mask])
         labels.append(batch["label"][mask])
+    batches.close()
     return np.concatenate(logits), np.concatenate(labels)
 
 
@@ -405,4 +407,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     if writer:
         writer.close()
     ckpt.close()
+    train_iter.close()  # stops grain's worker processes and frees their shared memory
+    print(f"training done: history {os.path.join(workdir, 'history.json')}, metrics "
+          f"{os.path.join(workdir, 'final_metrics.json')}, checkpoints "
+          f"{os.path.join(workdir, 'checkpoints')}, TensorBoard {os.path.join(workdir, 'tensorboard')}")
     return jax.device_get(state)
