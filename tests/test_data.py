@@ -218,12 +218,14 @@ def test_train_stream_is_deterministic_and_resumes_exactly(sources, workers):
     assert not np.array_equal(next(other)["image"], first[0]["image"])
 
 
-def test_epochs_cover_every_example_and_reshuffle(sources):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_epochs_cover_every_example_and_reshuffle(sources, workers):
     n = len(sources["train"])  # 24
-    it = iter(train_dataset(sources["train"], 32, 8, seed=0, aug=None))
+    it = iter(train_dataset(sources["train"], 32, 8, seed=0, aug=None, num_workers=workers))
     epochs = [np.concatenate([next(it)["label"] for _ in range(n // 8)]) for _ in range(2)]
     labels = np.array([int(sources["train"][i]["label"]) for i in range(n)])
     assert sorted(epochs[0]) == sorted(labels) == sorted(epochs[1])
+    assert not np.array_equal(epochs[0], epochs[1])  # a new order each epoch
 
 
 @pytest.mark.parametrize("batch", [1, 5, 8, 16, 64])

@@ -39,9 +39,13 @@ def _train_example(example, rng, size: int, aug: Augment):
     return {"image": augment(img, size, rng, aug), "label": np.int32(label)}
 
 
-def _eval_example(example, size: int):
+def _plain_example(example, size: int):
     img, label = _decoded(example, size)
-    return {"image": resize(img, size), "label": np.int32(label), "mask": np.bool_(True)}
+    return {"image": resize(img, size), "label": np.int32(label)}
+
+
+def _eval_example(example, size: int):
+    return _plain_example(example, size) | {"mask": np.bool_(True)}
 
 
 def _host_shard(ds: grain.MapDataset) -> grain.MapDataset:
@@ -69,8 +73,7 @@ def train_dataset(source, image_size: int, batch_size: int, seed: int,
     """
     ds = _host_shard(grain.MapDataset.source(source)).seed(seed).shuffle().repeat()
     if aug is None:
-        ds = ds.map(functools.partial(_eval_example, size=image_size)).map(
-            lambda e: {"image": e["image"], "label": e["label"]})
+        ds = ds.map(functools.partial(_plain_example, size=image_size))
     else:
         ds = ds.random_map(functools.partial(_train_example, size=image_size, aug=aug))
     ds = ds.batch(batch_size // jax.process_count(), drop_remainder=True)
