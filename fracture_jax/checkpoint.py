@@ -44,22 +44,16 @@ class RunCheckpoints:
         self.best.save(step, args=self._args(state, data_iter, meta), metrics=metrics, force=True)
         self.best.wait_until_finished()
 
-    @staticmethod
-    def _restore(manager, target_state, data_iter):
-        step = manager.latest_step()
-        if step is None:
-            return None
-        args = {"state": ocp.args.StandardRestore(target_state),
-                "meta": ocp.args.JsonRestore()}
-        if data_iter is not None:
-            args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-        restored = manager.restore(step, args=ocp.args.Composite(**args))
-        return restored.state, restored.meta
-
     def restore_latest(self, target_state, data_iter):
         """(state, meta) of the newest complete checkpoint, restoring ``data_iter`` in place;
         None when there is none."""
-        return self._restore(self.latest, target_state, data_iter)
+        step = self.latest.latest_step()
+        if step is None:
+            return None
+        restored = self.latest.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target_state),
+            data=grain.checkpoint.CheckpointRestore(data_iter), meta=ocp.args.JsonRestore()))
+        return restored.state, restored.meta
 
     def restore_best_weights(self) -> dict | None:
         """``{'step', 'params', 'batch_stats'}`` of the best checkpoint (host arrays), or None.
@@ -70,19 +64,12 @@ class RunCheckpoints:
         raw = self.best.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
         return {k: raw.state[k] for k in ("step", "params", "batch_stats")}
 
-    @staticmethod
-    def _meta(manager) -> dict | None:
-        step = manager.latest_step()
-        if step is None:
-            return None
-        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-
     def latest_meta(self) -> dict | None:
         """The JSON metadata of the newest checkpoint, without restoring its arrays."""
-        return self._meta(self.latest)
-
-    def best_meta(self) -> dict | None:
-        return self._meta(self.best)
+        step = self.latest.latest_step()
+        if step is None:
+            return None
+        return self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
     def close(self):
         self.latest.close()

@@ -4,10 +4,6 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 
-def sigmoid(logits) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
-
-
 def bce(logits, labels) -> float:
     """Mean binary cross-entropy of logits, computed stably."""
     z, y = np.asarray(logits, np.float64), np.asarray(labels, np.float64)

@@ -43,7 +43,6 @@ class ModelSpec:
     notop: WeightsFile | None  # the published Keras files (None: no pretrained weights)
     top: WeightsFile | None
     top_layers: tuple[str, ...]  # layers of with-top files that the backbone ignores
-    uses_batchnorm: bool = True
 
 
 def _effnet(variant: str) -> ModelSpec:
@@ -75,7 +74,7 @@ MODELS: dict[str, ModelSpec] = {
     "resnet50": ModelSpec("resnet50", 224, lambda **kw: ResNet50(**kw), _resnet_notop, _resnet_top,
                           ("predictions",)),
     "vgg16": ModelSpec("vgg16", 224, lambda **kw: VGG16(**kw), _vgg_notop, _vgg_top,
-                       ("fc1", "fc2", "predictions"), uses_batchnorm=False),
+                       ("fc1", "fc2", "predictions")),
     "smallcnn": ModelSpec("smallcnn", 64, lambda **kw: SmallCNN(**kw), None, None, ()),
 }
 
