@@ -167,6 +167,7 @@ def test_offline_without_local_file_names_file_and_key(tmp_path):
 
 def test_resolve_weights(tmp_path, monkeypatch):
     assert resolve_weights("vgg16", None) is None
+    assert resolve_weights("vgg16", "None") is None  # as --config.model.pretrained=None gives it
     with pytest.raises(WeightsError, match="no such file"):
         resolve_weights("vgg16", str(tmp_path / "nope.h5"))
     local = tmp_path / "mine.h5"

@@ -70,8 +70,8 @@ def fetch_published(file: WeightsFile, cache_dir: str | os.PathLike = DEFAULT_CA
 def resolve_weights(model: str, pretrained: str | None, cache_dir: str | os.PathLike = DEFAULT_CACHE,
                     include_top: bool = False) -> Path | None:
     """The weights file for ``pretrained``: None (random init), 'imagenet' or a local path."""
-    if not pretrained:
-        return None
+    if not pretrained or str(pretrained).lower() in ("none", "random"):
+        return None  # the command line gives the string "None"
     if pretrained == "imagenet":
         spec = get_spec(model)
         if spec.notop is None:
