@@ -254,9 +254,10 @@ class _Progress:
         self.start = self.last = time.perf_counter()
         self.last_step = 0
 
-    def update(self, i, loss, lr):
-        if (i + 1) % self.every and i + 1 != self.steps:
-            return
+    def due(self, i) -> bool:
+        return (i + 1) % self.every == 0 or i + 1 == self.steps
+
+    def log(self, i, loss, lr):
         now = time.perf_counter()
         rate = (i + 1 - self.last_step) * self.batch / max(now - self.last, 1e-9)
         eta = (self.steps - i - 1) * self.batch / max(rate, 1e-9)
@@ -289,7 +290,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     """
     os.makedirs(workdir, exist_ok=True)
     mesh = parallel.make_mesh()
-    report, sources = dataset.load(config, workdir)
+    _, sources = dataset.load(config, workdir)
     batch = config.train.batch_size
     if batch % jax.device_count():
         raise UserError(f"train.batch_size={batch} does not split over {jax.device_count()} "
@@ -325,8 +326,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     state = parallel.replicate(state, mesh)
     writer = _tensorboard(workdir)
 
-    def checkpoint_meta(**kw):
-        return dict(meta, config=config.to_dict(), **kw)
+    def checkpoint_meta():
+        return dict(meta, config=config.to_dict())
 
     epoch = meta["epoch"]
     while epoch < config.train.epochs and meta["bad_epochs"] < config.train.patience:
@@ -341,9 +342,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
             meta["phase"] = phase.index
         progress = _Progress(epoch, config.train.epochs, steps_per_epoch, batch,
                              config.train.log_every)
+        global_step = int(state.step)  # kept on the host from here: no device sync per step
         for i in range(meta["step_in_epoch"], steps_per_epoch):
             host_batch = next(train_iter)
-            global_step = int(state.step)
             state_next, loss, logits = program.train_step(
                 state, parallel.shard_batch(host_batch, mesh), rng)
             loss = float(loss)
@@ -352,19 +353,21 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                     f"loss is {loss} at step {global_step + 1} (epoch {epoch + 1}); training "
                     f"stopped, the last good checkpoint is in {ckpt.latest.directory}. Lower "
                     "optimizer.lr or set optimizer.grad_clip")
-            state = state_next
+            state, global_step = state_next, global_step + 1
             meta["acc_logits"] += np.asarray(logits, np.float64).tolist()
             meta["acc_labels"] += np.asarray(host_batch["label"]).tolist()
             meta["step_in_epoch"] = i + 1
-            progress.update(i, loss, float(program.lr(global_step)))
-            if writer and (i + 1) % config.train.log_every == 0:
-                writer.add_scalar("train/loss_step", loss, global_step + 1)
-                writer.add_scalar("train/lr", float(program.lr(global_step)), global_step + 1)
+            if progress.due(i):
+                lr = float(program.lr(global_step - 1))  # the rate this step used
+                progress.log(i, loss, lr)
+                if writer:
+                    writer.add_scalar("train/loss_step", loss, global_step)
+                    writer.add_scalar("train/lr", lr, global_step)
             every = config.train.checkpoint_every
-            if every > 0 and (global_step + 1) % every == 0 and i + 1 < steps_per_epoch:
-                ckpt.save_latest(global_step + 1, state, train_iter, checkpoint_meta())
+            if every > 0 and global_step % every == 0 and i + 1 < steps_per_epoch:
+                ckpt.save_latest(global_step, state, train_iter, checkpoint_meta())
 
-        metrics = {"epoch": epoch + 1, "lr": float(program.lr(int(state.step) - 1))}
+        metrics = {"epoch": epoch + 1, "lr": float(program.lr(global_step - 1))}
         metrics |= epoch_metrics(meta["acc_logits"], meta["acc_labels"], "train")
         val_logits, val_labels = predict_logits(program.eval_step, state, sources["val"],
                                                 config, mesh)
@@ -382,10 +385,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                     best=value if improved else meta["best"],
                     bad_epochs=0 if improved else meta["bad_epochs"] + 1)
         _write_json(workdir, "history.json", meta["history"])
-        step = int(state.step)
-        ckpt.save_latest(step, state, train_iter, checkpoint_meta())
+        ckpt.save_latest(global_step, state, train_iter, checkpoint_meta())
         if improved:
-            ckpt.save_best(step, state, train_iter, checkpoint_meta(),
+            ckpt.save_best(global_step, state, train_iter, checkpoint_meta(),
                            {config.train.early_stop_metric: value})
         epoch += 1
     if meta["bad_epochs"] >= config.train.patience:
@@ -400,7 +402,6 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     final = {split: epoch_metrics(*predict_logits(program.eval_step, state, src, config, mesh),
                                   split)
              for split, src in sources.items() if split != "train"}
-    _write_json(workdir, "history.json", meta["history"])
     _write_json(workdir, "final_metrics.json", final)
     for split, m in final.items():
         logging.info("final %s: %s", split, ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
