@@ -57,6 +57,21 @@ def get_config() -> ml_collections.ConfigDict:
     t.log_every = 10  # steps between progress lines
     t.checkpoint_every = 200  # steps between mid-epoch checkpoints (0: only at epoch ends)
     t.steps_per_epoch = -1  # -1: one pass over the train split
+
+    c.eval = e = ml_collections.ConfigDict()
+    e.after_train = True  # --mode=train ends with --mode=eval's report
+    e.batch_size = 64  # global eval batch (rounded up to a multiple of the device count)
+    e.threshold = "youden"  # operating threshold chosen on val: youden, or sensitivity
+    e.target_sensitivity = 0.9  # threshold=sensitivity: the highest threshold reaching this
+    e.bootstrap = 1000  # bootstrap resamples for the 95% confidence intervals
+    e.flip_tta = False  # test-time augmentation: mean probability of the image and its mirror
+    e.ensemble = ""  # comma-separated workdirs scored with this one, probabilities averaged
+    e.samples = 16  # images in the sample-prediction grid
+    e.gradcam_per_group = 4  # Grad-CAM overlays per group (true pos., false pos., false neg.)
+
+    c.predict = p = ml_collections.ConfigDict()
+    p.output = ""  # CSV path (default: <workdir>/predictions.csv)
+    p.gradcam = False  # also write a Grad-CAM overlay PNG per image next to the CSV
     return c
 
 

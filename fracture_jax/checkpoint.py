@@ -11,6 +11,8 @@ import os
 import grain
 import orbax.checkpoint as ocp
 
+from fracture_jax.errors import UserError
+
 
 class RunCheckpoints:
     """``latest/`` keeps the newest checkpoint, ``best/`` the one with the best metric."""
@@ -55,14 +57,18 @@ class RunCheckpoints:
             data=grain.checkpoint.CheckpointRestore(data_iter), meta=ocp.args.JsonRestore()))
         return restored.state, restored.meta
 
-    def restore_best_weights(self) -> dict | None:
-        """``{'step', 'params', 'batch_stats'}`` of the best checkpoint (host arrays), or None.
-        Restored without a target: the best may come from another phase of the run."""
+    def restore_best_weights(self, with_meta: bool = False):
+        """``{'step', 'params', 'batch_stats'}`` of the best checkpoint (host arrays), or None;
+        with ``with_meta`` a pair (weights, meta). Restored without a target: the best may
+        come from another phase of the run."""
         step = self.best.latest_step()
         if step is None:
             return None
-        raw = self.best.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-        return {k: raw.state[k] for k in ("step", "params", "batch_stats")}
+        items = {"state": ocp.args.StandardRestore()} | (
+            {"meta": ocp.args.JsonRestore()} if with_meta else {})
+        raw = self.best.restore(step, args=ocp.args.Composite(**items))
+        weights = {k: raw.state[k] for k in ("step", "params", "batch_stats")}
+        return (weights, raw.meta) if with_meta else weights
 
     def latest_meta(self) -> dict | None:
         """The JSON metadata of the newest checkpoint, without restoring its arrays."""
@@ -74,3 +80,19 @@ class RunCheckpoints:
     def close(self):
         self.latest.close()
         self.best.close()
+
+
+def load_best(workdir: str) -> tuple[dict, dict]:
+    """(weights, meta) of the best checkpoint of the run in ``workdir``, for scoring."""
+    if not os.path.isdir(os.path.join(workdir, "checkpoints", "best")):
+        raise UserError(f"no trained model in {workdir}: {workdir}/checkpoints/best does not "
+                        f"exist; train first with --mode=train --workdir={workdir}")
+    ckpt = RunCheckpoints(workdir, metric="unused")
+    try:
+        found = ckpt.restore_best_weights(with_meta=True)
+    finally:
+        ckpt.close()
+    if found is None:
+        raise UserError(f"{workdir}/checkpoints/best holds no complete checkpoint (was the run "
+                        "stopped before its first epoch ended?); train it further first")
+    return found

@@ -21,11 +21,20 @@ def run(config, workdir: str, mode: str, images: str | None = None):
     if mode == "train":
         from fracture_jax.train import train_and_evaluate
         train_and_evaluate(config, workdir)
+        if config.eval.after_train:
+            from fracture_jax.evaluate import evaluate
+            evaluate(config, workdir)
+    elif mode == "eval":
+        from fracture_jax.evaluate import evaluate
+        evaluate(config, workdir)
+    elif mode == "predict":
+        from fracture_jax.predict import predict_files
+        predict_files(config, workdir, images)
     elif mode == "inspect":
         from fracture_jax.data.inspect import inspect_dataset
         inspect_dataset(config, workdir)
     else:
-        raise UserError(f"--mode={mode} is not available in this version; use train or inspect")
+        raise UserError(f"--mode={mode} is unknown; use train, eval, predict or inspect")
 
 
 class _QuietLibraries:

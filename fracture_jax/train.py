@@ -26,8 +26,9 @@ from jax.sharding import PartitionSpec as P
 from fracture_jax import parallel
 from fracture_jax.checkpoint import RunCheckpoints
 from fracture_jax.data import dataset
-from fracture_jax.data.pipeline import Augment, eval_dataset, train_dataset
+from fracture_jax.data.pipeline import Augment, train_dataset
 from fracture_jax.errors import UserError
+from fracture_jax.inference import make_forward, predict
 from fracture_jax.metrics import epoch_metrics
 from fracture_jax.models import FractureClassifier, backbone_layers, get_spec
 from fracture_jax.weights import backbone_variables, resolve_weights
@@ -41,6 +42,10 @@ class TrainState:
     params: Any  # every parameter, frozen ones included
     batch_stats: Any
     opt_state: Any  # over the trainable parameters only
+
+    @property
+    def variables(self) -> dict:
+        return {"params": self.params, "batch_stats": self.batch_stats}
 
 
 # ---------------------------------------------------------------- freezing
@@ -140,32 +145,6 @@ def make_train_step(model, tx, mesh, frozen_names: frozenset, config):
     return jax.jit(sharded, donate_argnums=0)
 
 
-def make_eval_step(model, mesh):
-    """jit(shard_map(forward)): (state, global batch) -> logits, in inference mode."""
-
-    def step(state, batch):
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
-        return model.apply(variables, batch["image"], train=False)
-
-    return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(parallel.AXIS)),
-                                 out_specs=P(parallel.AXIS)))
-
-
-def predict_logits(eval_step, state, source, config, mesh) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels of every example of ``source`` exactly once (padding masked out)."""
-    logits, labels = [], []
-    batches = iter(eval_dataset(source, config.model.image_size, config.train.batch_size,
-                                config.data.num_workers, config.data.prefetch))
-    for batch in batches:
-        images = parallel.shard_batch({"image": batch["image"]}, mesh)["image"]
-        out = np.asarray(jax.device_get(eval_step(state, {"image": images})))
-        mask = batch["mask"]
-        logits.append(out[mask])
-        labels.append(batch["label"][mask])
-    batches.close()
-    return np.concatenate(logits), np.concatenate(labels)
-
-
 # ---------------------------------------------------------------- model and state
 
 @dataclasses.dataclass
@@ -227,7 +206,7 @@ class PhaseProgram:
     lr: Any
     frozen_names: frozenset
     train_step: Any
-    eval_step: Any
+    forward: Any
 
     def init_opt_state(self, params):
         return self.tx.init(split_params(params, self.frozen_names)[0])
@@ -241,7 +220,7 @@ def compile_phase(config, phase: Phase, layers: tuple, rescaling: bool, steps_pe
     frozen_names = frozenset(layers[:phase.frozen])
     return PhaseProgram(phase, model, tx, lr, frozen_names,
                         make_train_step(model, tx, mesh, frozen_names, config),
-                        make_eval_step(model, mesh))
+                        make_forward(model, mesh))
 
 
 # ---------------------------------------------------------------- the loop
@@ -264,6 +243,11 @@ class _Progress:
         logging.info("epoch %d/%d step %d/%d loss %.4f lr %.2e %.1f img/s ETA %ds",
                      self.epoch + 1, self.epochs, i + 1, self.steps, loss, lr, rate, eta)
         self.last, self.last_step = now, i + 1
+
+
+def _predict(program, state, source, config, mesh):
+    return predict(program.forward, state.variables, source, config.model.image_size,
+                   config.train.batch_size, mesh, config.data.num_workers, config.data.prefetch)
 
 
 def _write_json(workdir: str, name: str, obj):
@@ -327,7 +311,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     writer = _tensorboard(workdir)
 
     def checkpoint_meta():
-        return dict(meta, config=config.to_dict())
+        return dict(meta, config=config.to_dict(), imagenet_rescaling=rescaling)
 
     epoch = meta["epoch"]
     while epoch < config.train.epochs and meta["bad_epochs"] < config.train.patience:
@@ -369,8 +353,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
 
         metrics = {"epoch": epoch + 1, "lr": float(program.lr(global_step - 1))}
         metrics |= epoch_metrics(meta["acc_logits"], meta["acc_labels"], "train")
-        val_logits, val_labels = predict_logits(program.eval_step, state, sources["val"],
-                                                config, mesh)
+        val_logits, val_labels = _predict(program, state, sources["val"], config, mesh)
         metrics |= epoch_metrics(val_logits, val_labels, "val")
         logging.info("epoch %d: %s", epoch + 1,
                      ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "epoch"))
@@ -399,8 +382,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         state = parallel.replicate(jax.device_get(state).replace(**best), mesh)
         logging.info("restored the best state (%s %.4f, step %d)",
                      config.train.early_stop_metric, meta["best"], int(state.step))
-    final = {split: epoch_metrics(*predict_logits(program.eval_step, state, src, config, mesh),
-                                  split)
+    final = {split: epoch_metrics(*_predict(program, state, src, config, mesh), split)
              for split, src in sources.items() if split != "train"}
     _write_json(workdir, "final_metrics.json", final)
     for split, m in final.items():

@@ -29,9 +29,7 @@ class Augment:
 
 
 def _decoded(example, size: int):
-    name = example["filename"]
-    name = name.decode() if isinstance(name, bytes) else str(name)
-    return decode(example["image"], name, draft_size=2 * size), int(example["label"])
+    return decode(example["image"], _name(example), draft_size=2 * size), int(example["label"])
 
 
 def _train_example(example, rng, size: int, aug: Augment):
@@ -42,6 +40,22 @@ def _train_example(example, rng, size: int, aug: Augment):
 def _plain_example(example, size: int):
     img, label = _decoded(example, size)
     return {"image": resize(img, size), "label": np.int32(label)}
+
+
+def _name(example) -> str:
+    name = example["filename"]
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def example_at(source, index: int, size: int) -> tuple[np.ndarray, int, str]:
+    """(image (size, size, 3) as the model sees it in eval, label, file name) of one example."""
+    example = source[index]
+    return _plain_example(example, size)["image"], int(example["label"]), _name(example)
+
+
+def file_names(source) -> list[str]:
+    """The file name of every example, in the order eval passes see them."""
+    return [_name(source[i]) for i in range(len(source))]
 
 
 def _eval_example(example, size: int):

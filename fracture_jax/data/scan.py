@@ -21,6 +21,7 @@ CLASS_SPELLINGS = {"fractured": ("fractured",),
                    "not_fractured": ("not_fractured", "not fractured", "not-fractured")}
 REQUIRED_SPLITS = ("train", "val")
 LAYOUT = "<root>/{train,val,test}/{fractured,not_fractured}/<images>"
+JUNK_FILES = ("__MACOSX", "Thumbs.db", "desktop.ini")  # left by archivers and file browsers
 
 
 @dataclasses.dataclass
@@ -44,7 +45,7 @@ class ScanReport:
 
 def _visible(path: Path):
     return sorted(p for p in path.iterdir() if not p.name.startswith(".")
-                  and p.name not in ("__MACOSX", "Thumbs.db", "desktop.ini"))
+                  and p.name not in JUNK_FILES)
 
 
 def _match(name: str, spellings: dict) -> str | None:

@@ -41,21 +41,21 @@ def _rotate(x, y, angle):
 def _fracture(u, v, half_len, radius, rng):
     """A broken bone: two fragments on either side of a fracture line, plus its gap."""
     kind = rng.choice(["transverse", "oblique", "comminuted", "incomplete"], p=[.35, .35, .15, .15])
-    u0 = rng.uniform(-0.6, 0.6) * half_len
+    u0 = rng.uniform(-0.45, 0.45) * half_len
     phi = rng.uniform(-0.25, 0.25) if kind in ("transverse", "incomplete") else \
         rng.choice([-1, 1]) * rng.uniform(0.35, 1.0)
     s = (u - u0) * np.cos(phi) + v * np.sin(phi)  # signed distance to the fracture line
-    gap = rng.uniform(0.15, 0.4) * radius
+    gap = rng.uniform(0.4, 0.8) * radius
     if kind == "incomplete":  # a crack through one cortex only, no displacement
         side = rng.choice([-1, 1])
-        mask = (np.abs(s) < gap / 2) & (side * v > rng.uniform(-0.1, 0.3) * radius)
-        return _bone(u, v, half_len, radius, rng) * np.where(mask, 0.1, 1.0)
-    shift = rng.uniform(0.1, 0.6) * radius * rng.choice([-1, 1])
+        mask = (np.abs(s) < gap / 2) & (side * v > rng.uniform(-0.3, 0.1) * radius)
+        return _bone(u, v, half_len, radius, rng) * np.where(mask, 0.05, 1.0)
+    shift = rng.uniform(0.2, 0.7) * radius * rng.choice([-1, 1])
     angulation = rng.uniform(-0.2, 0.2)
     uf, vf = _rotate(u - u0, v, angulation)
     far = _bone(uf + u0 + rng.uniform(-1.0, 2.0), vf - shift, half_len, radius, rng)
     near = _bone(u, v, half_len, radius, rng)
-    img = np.where(s < 0, near, far) * np.where(np.abs(s) < gap / 2, 0.1, 1.0)
+    img = np.where(s < 0, near, far) * np.where(np.abs(s) < gap / 2, 0.05, 1.0)
     if kind == "comminuted":  # a second line close by, leaving a butterfly fragment
         s2 = (u - u0 - rng.uniform(3, 8)) * np.cos(-phi) + v * np.sin(-phi)
         img = img * np.where(np.abs(s2) < gap / 2, 0.2, 1.0)
@@ -68,10 +68,10 @@ def _lookalike(img_shape, u, v, radius, half_len, rng):
         u0 = rng.uniform(-0.5, 0.5) * half_len
         s = (u - u0) * np.cos(1.1) + v * np.sin(1.1)
         side = rng.choice([-1, 1])
-        mask = (np.abs(s) < 0.6) & (side * v > 0.55 * radius) & (side * v < radius * 1.05)
-        return np.where(mask, 0.6, 1.0)
+        mask = (np.abs(s) < 0.4) & (side * v > 0.55 * radius) & (side * v < radius * 1.05)
+        return np.where(mask, 0.75, 1.0)
     u0 = rng.choice([-1, 1]) * half_len * rng.uniform(0.8, 0.95)
-    return np.where(np.abs(u - u0) < 0.8, 0.8, 1.0)
+    return np.where(np.abs(u - u0) < 0.6, 0.85, 1.0)
 
 
 def phantom(rng: np.random.Generator, size: int = 256, fractured: bool = False) -> np.ndarray:

@@ -32,7 +32,7 @@ class FractureClassifier(nn.Module):
 
     @nn.compact
     def __call__(self, images, train: bool = False, return_maps: bool = False):
-        maps = self.backbone()(images, train)
+        maps = self.perturb("maps", self.backbone()(images, train))  # d(logit)/d(maps): Grad-CAM
         feats = L.global_avg_pool(maps)
         if not self.include_head:
             return (feats, maps) if return_maps else feats

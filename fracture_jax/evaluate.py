@@ -1,0 +1,229 @@
+"""``--mode=eval``: score the best checkpoint of a run (or an ensemble of runs) on val and test.
+
+The operating threshold is chosen on val only and then applied to test. Everything goes to
+``<workdir>/eval/``: ``metrics.json`` (metrics with bootstrap 95% CIs at the operating
+threshold and at 0.5), ``threshold.json`` (what ``--mode=predict`` uses), the figures and
+``report.html``.
+"""
+
+import csv
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+import fracture_jax
+from fracture_jax import parallel, plots
+from fracture_jax.checkpoint import load_best
+from fracture_jax.data import dataset
+from fracture_jax.data.pipeline import example_at, file_names
+from fracture_jax.gradcam import grad_cam
+from fracture_jax.inference import make_forward, predict
+from fracture_jax.report import write_report
+from fracture_jax.scoring import choose_threshold, score_split
+from fracture_jax.train import build_model
+
+
+@dataclasses.dataclass
+class Member:
+    """One trained run: its stored config and history, model and best weights."""
+
+    workdir: str
+    config: ml_collections.ConfigDict
+    meta: dict
+    model: object
+    variables: dict
+
+    @property
+    def name(self) -> str:
+        return f"{self.config.model.name} ({os.path.basename(os.path.normpath(self.workdir))})"
+
+
+def load_member(workdir: str) -> Member:
+    weights, meta = load_best(workdir)
+    config = ml_collections.ConfigDict(meta["config"])
+    model = build_model(config, 0, meta.get("imagenet_rescaling", False))
+    variables = {"params": weights["params"], "batch_stats": weights["batch_stats"]}
+    return Member(workdir, config, meta, model, variables)
+
+
+def sigmoid(logits) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
+
+
+def member_probabilities(member: Member, sources: dict, config, mesh) -> tuple[dict, dict]:
+    """({split: (probs, labels)}, speed) for one member: a data-parallel pass per split."""
+    forward = make_forward(member.model, mesh, flip=config.eval.flip_tta)
+    variables = parallel.replicate(member.variables, mesh)
+    out, speed = {}, {}
+    for split, source in sources.items():
+        start = time.perf_counter()
+        logits, labels = predict(forward, variables, source, member.config.model.image_size,
+                                 config.eval.batch_size, mesh, config.data.num_workers,
+                                 config.data.prefetch)
+        seconds = time.perf_counter() - start
+        out[split] = (sigmoid(logits), labels)
+        speed[split] = {"images": len(labels), "seconds": round(seconds, 3),
+                        "images_per_s": round(len(labels) / seconds, 2)}
+    return out, speed
+
+
+def score(probs: dict, config) -> dict:
+    """Threshold chosen on val, then every split scored at it and at 0.5, with CIs."""
+    e = config.eval
+    threshold = choose_threshold(probs["val"][1], probs["val"][0], e.threshold,
+                                 e.target_sensitivity)
+    result = {"threshold": {"value": threshold, "method": e.threshold, "chosen_on": "val"}
+              | ({"target_sensitivity": e.target_sensitivity}
+                 if e.threshold == "sensitivity" else {})}
+    for split, (p, y) in probs.items():
+        result[split] = {"operating": score_split(y, p, threshold, e.bootstrap, config.seed),
+                         "at_0.5": score_split(y, p, 0.5, e.bootstrap, config.seed)}
+    return result
+
+
+def _figure_split(probs: dict) -> str:
+    return "test" if "test" in probs else "val"
+
+
+def sample_indices(labels, count: int, seed: int) -> np.ndarray:
+    """Up to ``count`` examples, half of each class, drawn with a fixed seed."""
+    rng = np.random.default_rng(seed)
+    picks = [rng.permutation(np.flatnonzero(labels == c))[:count // 2] for c in (1, 0)]
+    return np.concatenate(picks)
+
+
+def gradcam_cases(labels, probs, threshold: float, per_group: int) -> list[tuple[str, int]]:
+    """The most confident true positives, false positives and false negatives."""
+    pred = probs >= threshold
+    cases = []
+    for group, mask, order in (("true positive", pred & (labels == 1), -1),
+                               ("false positive", pred & (labels == 0), -1),
+                               ("false negative", ~pred & (labels == 1), 1)):
+        idx = np.flatnonzero(mask)
+        cases += [(group, int(i)) for i in idx[np.argsort(order * probs[idx])][:per_group]]
+    return cases
+
+
+def figures(out_dir: str, member: Member, source, probs, labels, split: str, result: dict,
+            config) -> dict:
+    """All PNG figures of the report: {title: path}."""
+    threshold = result["threshold"]["value"]
+    op = result[split]["operating"]
+    size = member.config.model.image_size
+    made = {}
+    if member.meta.get("history"):
+        made["Training history"] = plots.history_plot(member.meta["history"],
+                                                      os.path.join(out_dir, "history.png"))
+    made[f"Confusion matrix ({split}, threshold {threshold:.3f})"] = plots.confusion_plot(
+        op["confusion_matrix"], os.path.join(out_dir, "confusion.png"),
+        f"{split}, threshold {threshold:.3f}")
+    made[f"ROC and precision-recall ({split})"] = plots.roc_pr_plot(
+        labels, probs, threshold, os.path.join(out_dir, "roc_pr.png"), split)
+    made[f"Reliability diagram ({split})"] = plots.reliability_plot(
+        labels, probs, op["metrics"]["ece"], os.path.join(out_dir, "reliability.png"), split)
+
+    picks = sample_indices(labels, config.eval.samples, config.seed)
+    shown = [example_at(source, int(i), size) for i in picks]
+    right = [(probs[i] >= threshold) == (labels[i] == 1) for i in picks]
+    made[f"Sample predictions ({split})"] = plots.image_grid(
+        [s[0] for s in shown],
+        [f"{os.path.basename(s[2])[:28]}\ntrue: {'fractured' if s[1] else 'not fractured'}, "
+         f"p={probs[i]:.2f}" for s, i in zip(shown, picks)],
+        os.path.join(out_dir, "samples.png"), colors=["green" if r else "red" for r in right])
+
+    cases = gradcam_cases(labels, probs, threshold, config.eval.gradcam_per_group)
+    if cases:
+        images = np.stack([example_at(source, i, size)[0] for _, i in cases])
+        heat, _ = jax.jit(grad_cam, static_argnums=0)(member.model, member.variables,
+                                                      jnp.asarray(images))
+        made[f"Grad-CAM ({split})"] = plots.image_grid(
+            images, [f"{g}, p={probs[i]:.2f}" for g, i in cases],
+            os.path.join(out_dir, "gradcam.png"), heat=np.asarray(heat))
+    return made
+
+
+def evaluate(config, workdir: str) -> dict:
+    """Score ``workdir`` (and ``config.eval.ensemble``'s workdirs) and write the report."""
+    mesh = parallel.make_mesh()
+    report, all_sources = dataset.load(config, workdir)
+    sources = {s: all_sources[s] for s in ("val", "test") if s in all_sources}
+    extra = [w.strip() for w in config.eval.ensemble.split(",") if w.strip()]
+    members = [load_member(w) for w in [workdir] + extra]
+    out_dir = os.path.join(workdir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+
+    member_probs, results, speed = [], {}, {}
+    for member in members:
+        probs, speed[member.name] = member_probabilities(member, sources, config, mesh)
+        member_probs.append(probs)
+        results[member.name] = score(probs, config)
+        logging.info("%s: test-time flip %s, %s", member.name, config.eval.flip_tta,
+                     ", ".join(f"{s} {v['images_per_s']} img/s"
+                               for s, v in speed[member.name].items()))
+    primary = members[0].name
+    probs = member_probs[0]
+    if len(members) > 1:
+        primary = "ensemble (mean probability)"
+        probs = {s: (np.mean([p[s][0] for p in member_probs], axis=0), member_probs[0][s][1])
+                 for s in sources}
+        results[primary] = score(probs, config)
+
+    for split, source in sources.items():
+        columns = {m.name: p[split][0] for m, p in zip(members, member_probs)}
+        if len(members) > 1:
+            columns[primary] = probs[split][0]
+        _write_predictions(os.path.join(out_dir, f"predictions_{split}.csv"),
+                           file_names(source), probs[split][1], columns)
+    split = _figure_split(probs)
+    made = figures(out_dir, members[0], sources[split], probs[split][0], probs[split][1], split,
+                   results[primary], config)
+    metrics = {"primary": primary, "members": [m.name for m in members],
+               "flip_tta": config.eval.flip_tta,
+               "bootstrap": {"resamples": config.eval.bootstrap, "seed": config.seed,
+                             "level": 0.95},
+               "speed": speed, "results": results, "fracture_jax": fracture_jax.__version__}
+    _write(out_dir, "metrics.json", metrics)
+    _write(out_dir, "threshold.json", results[members[0].name]["threshold"]
+           | {"model": members[0].name})
+    page = write_report(os.path.join(out_dir, "report.html"), metrics, made, report,
+                        members[0].config.to_dict())
+    _log_summary(metrics)
+    print(f"evaluation done: report {page}, metrics {os.path.join(out_dir, 'metrics.json')}")
+    return metrics
+
+
+def _write_predictions(path: str, files: list[str], labels, columns: dict):
+    """One row per image: file, true label, then each model's probability of fractured."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "label", *columns])
+        for i, name in enumerate(files):
+            writer.writerow([name, int(labels[i]), *(f"{p[i]:.6f}" for p in columns.values())])
+    os.replace(tmp, path)
+
+
+def _write(out_dir: str, name: str, obj):
+    tmp = os.path.join(out_dir, f".{name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, os.path.join(out_dir, name))
+
+
+def _log_summary(metrics: dict):
+    result = metrics["results"][metrics["primary"]]
+    for split in ("val", "test"):
+        if split not in result:
+            continue
+        op = result[split]["operating"]
+        m, ci = op["metrics"], op["ci95"]
+        logging.info("%s %s at threshold %.3f: %s", metrics["primary"], split, op["threshold"],
+                     ", ".join(f"{k} {m[k]:.3f} [{ci[k][0]:.3f}, {ci[k][1]:.3f}]"
+                               for k in ("roc_auc", "recall", "specificity", "ece")))

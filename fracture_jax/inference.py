@@ -1,0 +1,50 @@
+"""Data-parallel forward passes: a jitted logit function and a pass over a whole split that
+scores every example exactly once, whatever the device count and batch size."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from fracture_jax import parallel
+from fracture_jax.data.pipeline import eval_dataset
+
+
+def _mean_probability_logit(a, b):
+    """The logit of (sigmoid(a) + sigmoid(b)) / 2, computed in log space (no overflow)."""
+    log_p = jnp.logaddexp(jax.nn.log_sigmoid(a), jax.nn.log_sigmoid(b))
+    log_q = jnp.logaddexp(jax.nn.log_sigmoid(-a), jax.nn.log_sigmoid(-b))
+    return log_p - log_q
+
+
+def make_forward(model, mesh, flip: bool = False):
+    """jit(shard_map): (variables, images) -> logits in inference mode. With ``flip``
+    (test-time augmentation) the logit of the mean probability of the image and its mirror."""
+
+    def forward(variables, images):
+        logits = model.apply(variables, images, train=False)
+        if flip:
+            logits = _mean_probability_logit(logits, model.apply(variables, images[:, :, ::-1],
+                                                                  train=False))
+        return logits
+
+    return jax.jit(jax.shard_map(forward, mesh=mesh, in_specs=(P(), P(parallel.AXIS)),
+                                 out_specs=P(parallel.AXIS)))
+
+
+def predict(forward, variables, source, image_size: int, batch_size: int, mesh,
+            num_workers: int = 0, prefetch: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, labels) of every example of ``source`` once, in order. The batch is rounded up
+    to a multiple of the device count; padding is masked out."""
+    batch_size = math.ceil(batch_size / mesh.size) * mesh.size
+    logits, labels = [], []
+    batches = iter(eval_dataset(source, image_size, batch_size, num_workers, prefetch))
+    for batch in batches:
+        images = parallel.shard_batch({"image": batch["image"]}, mesh)["image"]
+        out = np.asarray(jax.device_get(forward(variables, images)))
+        logits.append(out[batch["mask"]])
+        labels.append(batch["label"][batch["mask"]])
+    batches.close()
+    return np.concatenate(logits), np.concatenate(labels)

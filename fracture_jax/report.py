@@ -1,0 +1,126 @@
+"""``report.html``: one self-contained page (figures embedded) with the data summary, the
+config, every metric with its 95% CI, and all figures."""
+
+import base64
+import html
+import json
+import os
+import time
+
+METRICS = ("roc_auc", "pr_auc", "accuracy", "recall", "specificity", "precision", "npv", "f1",
+           "brier", "ece")
+LABELS = {"roc_auc": "ROC AUC", "pr_auc": "PR AUC (average precision)", "accuracy": "accuracy",
+          "recall": "sensitivity (recall)", "specificity": "specificity",
+          "precision": "precision (PPV)", "npv": "NPV", "f1": "F1", "brier": "Brier score",
+          "ece": "expected calibration error"}
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+th { background: #f0f3f7; }
+figure { margin: 1em 0 2em; }
+figure img { max-width: 100%; border: 1px solid #ddd; }
+pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 0.85em; }
+.note { color: #555; font-size: 0.9em; }
+"""
+
+# Counts the figures that decoded, so a broken page says so at its foot.
+CHECK_IMAGES = """
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+  document.body.setAttribute('data-images-rendered', ok + '/' + imgs.length);
+  document.getElementById('render-check').textContent =
+    ok === imgs.length ? 'All ' + ok + ' figures rendered.' : (imgs.length - ok) +
+    ' of ' + imgs.length + ' figures failed to render.';
+});
+"""
+
+
+def _e(text) -> str:
+    return html.escape(str(text))
+
+
+def _table(header, rows) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _with_ci(scored: dict, key: str) -> str:
+    v, (lo, hi) = scored["metrics"][key], scored["ci95"][key]
+    return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def metrics_table(result: dict) -> str:
+    columns = [(s, t) for s in ("val", "test") if s in result for t in ("operating", "at_0.5")]
+    header = ["metric"] + [f"{s} @ {result[s][t]['threshold']:.3f}" for s, t in columns]
+    rows = [[LABELS[k]] + [_with_ci(result[s][t], k) for s, t in columns] for k in METRICS]
+    rows.append(["images (fractured)"] + [f"{result[s][t]['n']} ({result[s][t]['positives']})"
+                                         for s, t in columns])
+    return _table(header, rows)
+
+
+def class_report_table(scored: dict) -> str:
+    rep = scored["classification_report"]
+    rows = [[name, *(f"{rep[name][k]:.3f}" for k in ("precision", "recall", "f1-score")),
+             int(rep[name]["support"])]
+            for name in rep if isinstance(rep[name], dict)]
+    return _table(["class", "precision", "recall", "f1-score", "support"], rows)
+
+
+def _figure(title: str, path: str) -> str:
+    with open(path, "rb") as f:
+        data = base64.b64encode(f.read()).decode()
+    return (f'<figure><figcaption><b>{_e(title)}</b></figcaption>'
+            f'<img alt="{_e(title)}" src="data:image/png;base64,{data}"></figure>')
+
+
+def write_report(path: str, metrics: dict, figures: dict, data_report, config: dict) -> str:
+    """Write the page atomically and return its path."""
+    primary = metrics["primary"]
+    result = metrics["results"][primary]
+    thr = result["threshold"]
+    split = "test" if "test" in result else "val"
+    parts = [f"<h1>Fracture classification report: {_e(primary)}</h1>",
+             f'<p class="note">fracture_jax {_e(metrics["fracture_jax"])}, '
+             f'{time.strftime("%Y-%m-%d %H:%M")}; test-time flip: {metrics["flip_tta"]}; '
+             f'95% CIs from {metrics["bootstrap"]["resamples"]} bootstrap resamples of the '
+             f'images (seed {metrics["bootstrap"]["seed"]}).</p>',
+             "<h2>Data</h2>",
+             _table(["split", "fractured", "not fractured"],
+                    [[s, c["fractured"], c["not_fractured"]]
+                     for s, c in data_report.counts().items()]),
+             f"<p>{len(data_report.skipped)} files skipped, {len(data_report.duplicates)} "
+             f"groups of duplicate files, {len(data_report.leakage)} across splits.</p>",
+             "<h2>Operating threshold</h2>",
+             f"<p>{thr['value']:.4f}, chosen on the <b>val</b> split by "
+             f"{_e(thr['method'])}{' (target sensitivity ' + str(thr['target_sensitivity']) + ')' if 'target_sensitivity' in thr else ''}"
+             ", then applied unchanged to test.</p>",
+             "<h2>Metrics (95% CI)</h2>", metrics_table(result),
+             f"<h3>Classification report ({split}, operating threshold)</h3>",
+             class_report_table(result[split]["operating"])]
+    if len(metrics["members"]) > 1:
+        rows = [[name, f"{r['threshold']['value']:.3f}",
+                 *(_with_ci(r[split]["operating"], k) for k in ("roc_auc", "recall",
+                                                                "specificity"))]
+                for name, r in metrics["results"].items()]
+        parts += ["<h2>Ensemble members</h2>",
+                  _table(["model", "threshold", f"{split} ROC AUC", "sensitivity",
+                          "specificity"], rows)]
+    speed = [[name, s, v["images"], v["images_per_s"]] for name, sp in metrics["speed"].items()
+             for s, v in sp.items()]
+    parts += ["<h2>Speed</h2>", _table(["model", "split", "images", "images/s"], speed),
+              "<h2>Figures</h2>", *(_figure(t, p) for t, p in figures.items()),
+              "<h2>Config</h2>", f"<pre>{_e(json.dumps(config, indent=1))}</pre>",
+              '<p id="render-check" class="note">Figures not checked (scripts off).</p>']
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(primary)}</title>"
+            f"<style>{STYLE}</style><script>{CHECK_IMAGES}</script></head><body>"
+            + "\n".join(parts) + "</body></html>")
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(page)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,122 @@
+"""Clinical scoring of binary predictions: metrics at a threshold, calibration, bootstrap
+confidence intervals and the choice of an operating threshold on validation data.
+
+Every metric takes integer example weights, so a bootstrap resample (examples drawn with
+replacement) is the same call with multinomial counts as weights: no copies of the data.
+"""
+
+import numpy as np
+from sklearn import metrics as skm
+
+ECE_BINS = 15
+
+
+def expected_calibration_error(labels, probs, bins: int = ECE_BINS, weights=None) -> float:
+    """Sum over equal-width probability bins of |fraction positive - mean probability|,
+    weighted by each bin's share of the examples."""
+    y, p = np.asarray(labels, np.float64), np.asarray(probs, np.float64)
+    w = np.ones_like(p) if weights is None else np.asarray(weights, np.float64)
+    idx = np.clip((p * bins).astype(int), 0, bins - 1)  # [0,1/B), ..., [(B-1)/B, 1]
+    count = np.bincount(idx, w, bins)
+    gap = np.abs(np.bincount(idx, w * y, bins) - np.bincount(idx, w * p, bins))
+    return float(gap.sum() / count.sum())
+
+
+def reliability(labels, probs, bins: int = ECE_BINS):
+    """(mean probability, fraction positive, count) of each non-empty bin, for the diagram."""
+    y, p = np.asarray(labels, np.float64), np.asarray(probs, np.float64)
+    idx = np.clip((p * bins).astype(int), 0, bins - 1)
+    count = np.bincount(idx, minlength=bins)
+    keep = count > 0
+    return (np.bincount(idx, p, bins)[keep] / count[keep],
+            np.bincount(idx, y, bins)[keep] / count[keep], count[keep])
+
+
+def _ratio(a, b) -> float:
+    return float(a / b) if b > 0 else float("nan")
+
+
+def threshold_metrics(labels, probs, threshold: float, weights=None) -> dict:
+    """Metrics of the decision ``prob >= threshold``: the confusion counts and their ratios."""
+    y = np.asarray(labels).astype(bool)
+    pred = np.asarray(probs) >= threshold
+    w = np.ones(len(y)) if weights is None else np.asarray(weights, np.float64)
+    tp, fp = w[pred & y].sum(), w[pred & ~y].sum()
+    fn, tn = w[~pred & y].sum(), w[~pred & ~y].sum()
+    precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
+    return {"accuracy": _ratio(tp + tn, w.sum()), "precision": precision,
+            "recall": recall, "specificity": _ratio(tn, tn + fp),
+            "npv": _ratio(tn, tn + fn), "f1": _ratio(2 * tp, 2 * tp + fp + fn)}
+
+
+def ranking_metrics(labels, probs, weights=None) -> dict:
+    """Threshold-free metrics: ROC AUC, PR AUC (average precision), Brier score and ECE."""
+    y, p = np.asarray(labels), np.asarray(probs, np.float64)
+    w = None if weights is None else np.asarray(weights, np.float64)
+    both = len(np.unique(y if w is None else y[w > 0])) == 2
+    return {"roc_auc": float(skm.roc_auc_score(y, p, sample_weight=w)) if both else float("nan"),
+            "pr_auc": float(skm.average_precision_score(y, p, sample_weight=w))
+            if both else float("nan"),
+            "brier": float(skm.brier_score_loss(y, p, sample_weight=w)),
+            "ece": expected_calibration_error(y, p, weights=w)}
+
+
+def all_metrics(labels, probs, threshold: float, weights=None) -> dict:
+    return ranking_metrics(labels, probs, weights) | threshold_metrics(labels, probs, threshold,
+                                                                        weights)
+
+
+def bootstrap_ci(labels, probs, threshold: float, resamples: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> dict:
+    """Percentile intervals ``{metric: [low, high]}`` over ``resamples`` bootstrap resamples
+    of the examples (seeded); the threshold stays fixed, as it was chosen elsewhere."""
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    draws = [all_metrics(labels, probs, threshold, rng.multinomial(n, np.full(n, 1.0 / n)))
+             for _ in range(resamples)]
+    tail = 100 * (1 - level) / 2
+
+    def interval(values):  # resamples where a metric is undefined (one class only) drop out
+        values = np.asarray(values)
+        values = values[np.isfinite(values)]
+        return [float(v) for v in np.percentile(values, [tail, 100 - tail])] if values.size \
+            else [float("nan")] * 2
+
+    return {k: interval([d[k] for d in draws]) for k in draws[0]}
+
+
+def confusion(labels, probs, threshold: float) -> list[list[int]]:
+    """[[TN, FP], [FN, TP]] (rows: true class, columns: predicted), as scikit-learn orders it."""
+    pred = (np.asarray(probs) >= threshold).astype(int)
+    return skm.confusion_matrix(np.asarray(labels).astype(int), pred, labels=[0, 1]).tolist()
+
+
+def choose_threshold(labels, probs, method: str = "youden", target_sensitivity: float = 0.9
+                     ) -> float:
+    """An operating threshold from (validation) data: the ROC point maximising Youden's J =
+    sensitivity + specificity - 1, or the highest threshold reaching ``target_sensitivity``."""
+    fpr, tpr, thresholds = skm.roc_curve(labels, probs)
+    finite = np.isfinite(thresholds)
+    fpr, tpr, thresholds = fpr[finite], tpr[finite], thresholds[finite]
+    if method == "youden":
+        return float(thresholds[np.argmax(tpr - fpr)])
+    if method == "sensitivity":
+        return float(thresholds[np.argmax(tpr >= target_sensitivity)])
+    raise ValueError(f"threshold method {method!r}: use youden or sensitivity")
+
+
+CLASS_NAMES = ("not_fractured", "fractured")
+
+
+def score_split(labels, probs, threshold: float, resamples: int, seed: int) -> dict:
+    """Everything reported for one split at one threshold: metrics, 95% CIs, confusion matrix
+    and scikit-learn's classification report."""
+    pred = (np.asarray(probs) >= threshold).astype(int)
+    return {"threshold": float(threshold), "n": int(len(labels)),
+            "positives": int(np.sum(labels)),
+            "metrics": all_metrics(labels, probs, threshold),
+            "ci95": bootstrap_ci(labels, probs, threshold, resamples, seed),
+            "confusion_matrix": confusion(labels, probs, threshold),
+            "classification_report": skm.classification_report(
+                np.asarray(labels).astype(int), pred, labels=[0, 1], target_names=CLASS_NAMES,
+                output_dict=True, zero_division=0)}

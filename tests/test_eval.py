@@ -1,0 +1,217 @@
+"""Evaluation and prediction: exactly-once passes, test-time flip, Grad-CAM, the eval and
+predict modes end to end, the ensemble, and the HTML report rendered in headless Chromium."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+from PIL import Image
+
+from fracture_jax import cli, parallel
+from fracture_jax.data.builder import data_sources, prepare
+from fracture_jax.data.pipeline import example_at
+from fracture_jax.gradcam import grad_cam
+from fracture_jax.inference import make_forward, predict
+from fracture_jax.models import FractureClassifier, backbone_layers
+from fracture_jax.train import Phase, TrainState, compile_phase, initial_variables
+from test_train import tiny_config
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync")
+
+
+@pytest.fixture(scope="module")
+def sources(phantom_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared")
+    prepare(str(phantom_root), str(out))
+    return data_sources(str(out))
+
+
+@pytest.mark.parametrize("devices,batch", [(1, 1), (3, 5), (8, 4), (8, 16)])
+def test_eval_pass_sees_every_example_once_in_order(sources, devices, batch):
+    """Each image's mean pixel comes back once, in the source's order, whatever the device
+    count and batch size (the batch is rounded up to the device count and padding masked)."""
+    mesh = parallel.make_mesh(jax.devices()[:devices])
+    mean_pixel = jax.jit(jax.shard_map(lambda v, x: x.mean(axis=(1, 2, 3)), mesh=mesh,
+                                       in_specs=(P(), P(parallel.AXIS)),
+                                       out_specs=P(parallel.AXIS)))
+    source = sources["val"]
+    out, labels = predict(mean_pixel, {}, source, 32, batch, mesh)
+    expected = [example_at(source, i, 32) for i in range(len(source))]
+    np.testing.assert_allclose(out, [e[0].mean() for e in expected], rtol=1e-5)
+    assert labels.tolist() == [e[1] for e in expected]
+
+
+def test_flip_tta_is_the_mean_probability_of_image_and_mirror():
+    model = FractureClassifier(model="smallcnn", dropout_rate=0.0)
+    x = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype(np.float32)
+    variables = model.init(jax.random.key(0), x)
+    variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    mesh = parallel.make_mesh()
+    flipped = make_forward(model, mesh, flip=True)(variables, x)
+    a, b = model.apply(variables, x), model.apply(variables, x[:, :, ::-1])
+    expected = jax.scipy.special.logit((jax.nn.sigmoid(a) + jax.nn.sigmoid(b)) / 2)
+    np.testing.assert_allclose(flipped, expected, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(a, b)  # the mirror really is a different input
+
+
+def _blob_images(n, rng, size=64, side=12):
+    """Noise images; positives carry one bright square at a random place (the only signal)."""
+    x = rng.uniform(40, 120, (n, size, size, 3)).astype(np.float32)
+    y = rng.integers(0, 2, n).astype(np.int32)
+    for i in np.flatnonzero(y):
+        r, c = rng.integers(0, size - side, 2)
+        x[i, r:r + side, c:c + side] += 110
+    return x, y
+
+
+def test_grad_cam_highlights_the_region_that_carries_the_signal():
+    config = tiny_config(**{"model.image_size": 64, "optimizer.name": "adam",
+                            "optimizer.lr": 3e-3, "train.batch_size": 32})
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    variables, _ = initial_variables(config, jax.random.key(0))
+    program = compile_phase(config, Phase(0, 0, 0, 1.0), backbone_layers("smallcnn"), False, 10,
+                            mesh)
+    state = parallel.replicate(TrainState(jnp.zeros((), jnp.int32), variables["params"],
+                                          variables["batch_stats"],
+                                          program.init_opt_state(variables["params"])), mesh)
+    rng = np.random.default_rng(0)
+    for _ in range(150):
+        x, y = _blob_images(32, rng)
+        state, loss, _ = program.train_step(state, parallel.shard_batch(
+            {"image": x, "label": y}, mesh), jax.random.key(1))
+    assert float(loss) < 0.3, "the model did not learn the blob task"
+    state = jax.device_get(state)
+
+    x = rng.uniform(40, 120, (4, 64, 64, 3)).astype(np.float32)
+    corners = [(4, 4), (4, 46), (46, 4), (46, 46)]  # a square in each corner in turn
+    for i, (r, c) in enumerate(corners):
+        x[i, r:r + 14, c:c + 14] += 110
+    model = FractureClassifier(model="smallcnn", dropout_rate=0.0)
+    heat, logits = grad_cam(model, state.variables, jnp.asarray(x))
+    heat = np.asarray(heat)
+    assert heat.shape == (4, 64, 64) and heat.min() >= 0 and heat.max() <= 1
+    assert np.all(np.asarray(logits) > 0)
+    for h, (r, c) in zip(heat, corners):
+        region = np.zeros_like(h, bool)
+        region[max(0, r - 8):r + 22, max(0, c - 8):c + 22] = True
+        assert region[np.unravel_index(h.argmax(), h.shape)]
+        assert h[region].mean() > 3 * h[~region].mean()
+
+
+@pytest.fixture(scope="module")
+def trained_runs(phantom_root, tmp_path_factory):
+    """Two tiny runs trained by --mode=train (which ends with the eval report)."""
+    runs = []
+    for seed in (0, 1):
+        workdir = tmp_path_factory.mktemp(f"run{seed}")
+        config = tiny_config(**{"data.root": str(phantom_root), "data.num_workers": 0,
+                                "train.epochs": 2, "eval.bootstrap": 50, "seed": seed})
+        cli.run(config, str(workdir), "train")
+        runs.append((config, workdir))
+    return runs
+
+
+def test_train_ends_with_an_eval_report(trained_runs):
+    _, workdir = trained_runs[0]
+    out = workdir / "eval"
+    for name in ("metrics.json", "threshold.json", "report.html", "predictions_val.csv",
+                 "predictions_test.csv", "history.png", "confusion.png", "roc_pr.png",
+                 "reliability.png", "samples.png", "gradcam.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    metrics = json.loads((out / "metrics.json").read_text())
+    result = metrics["results"][metrics["primary"]]
+    assert result["threshold"]["chosen_on"] == "val"
+    for split, n in (("val", 6), ("test", 6)):
+        for at in ("operating", "at_0.5"):
+            scored = result[split][at]
+            assert scored["n"] == n and scored["positives"] == n // 2
+            assert set(scored["metrics"]) == set(scored["ci95"]) >= {
+                "accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc",
+                "brier", "ece"}
+            assert sum(map(sum, scored["confusion_matrix"])) == n
+    rows = list(csv.DictReader(open(out / "predictions_test.csv")))
+    assert len(rows) == 6 and sorted(int(r["label"]) for r in rows) == [0, 0, 0, 1, 1, 1]
+    assert metrics["speed"][metrics["primary"]]["test"]["images_per_s"] > 0
+
+
+def test_ensemble_averages_member_probabilities(trained_runs):
+    (config, first), (_, second) = trained_runs
+    config = config.copy_and_resolve_references()
+    config.eval.ensemble = str(second)
+    config.eval.flip_tta = True
+    cli.run(config, str(first), "eval")
+    metrics = json.loads((first / "eval" / "metrics.json").read_text())
+    assert metrics["primary"] == "ensemble (mean probability)" and len(metrics["members"]) == 2
+    assert set(metrics["results"]) == set(metrics["members"]) | {metrics["primary"]}
+    rows = list(csv.DictReader(open(first / "eval" / "predictions_val.csv")))
+    for r in rows:
+        members = [float(r[m]) for m in metrics["members"]]
+        assert float(r[metrics["primary"]]) == pytest.approx(np.mean(members), abs=2e-6)
+
+
+def test_predict_writes_a_row_per_file_and_reports_bad_ones(trained_runs, phantom_root,
+                                                             tmp_path):
+    config, workdir = trained_runs[1]
+    folder = tmp_path / "incoming"
+    shutil.copytree(phantom_root / "test" / "fractured", folder / "a")
+    (folder / "b").mkdir()
+    (folder / "b" / "notes.jpg").write_text("not an image")
+    Image.new("RGBA", (50, 40), (200, 10, 10, 128)).save(folder / "b" / "rgba.png")
+    config = config.copy_and_resolve_references()
+    config.predict.gradcam = True
+    config.predict.output = str(tmp_path / "out.csv")
+    cli.run(config, str(workdir), "predict", images=str(folder))
+    rows = {os.path.basename(r["file"]): r for r in csv.DictReader(open(tmp_path / "out.csv"))}
+    assert len(rows) == 3 + 2
+    assert "notes.jpg" in rows["notes.jpg"]["error"] and rows["notes.jpg"]["probability"] == ""
+    threshold = json.loads((workdir / "eval" / "threshold.json").read_text())["value"]
+    for name, r in rows.items():
+        if name == "notes.jpg":
+            continue
+        p = float(r["probability"])
+        assert 0 <= p <= 1 and r["error"] == ""
+        assert r["label"] == ("fractured" if p >= threshold else "not_fractured")
+    assert len(list((tmp_path / "out_gradcam").glob("*.png"))) == 4
+    # a glob works too, and names no file it cannot find
+    cli.run(config, str(workdir), "predict", images=str(folder / "a" / "*.jpg"))
+
+
+def test_eval_without_a_trained_run_says_what_to_do(phantom_root, tmp_path):
+    from fracture_jax.errors import UserError
+    config = tiny_config(**{"data.root": str(phantom_root)})
+    with pytest.raises(UserError, match="train first with --mode=train"):
+        cli.run(config, str(tmp_path / "empty"), "eval")
+
+
+def _chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(not _chromium() and not os.environ.get("FRACTURE_JAX_REQUIRE_BROWSER"),
+                    reason="no chromium here (.ci/run installs it and requires this test)")
+def test_report_renders_in_headless_chromium(trained_runs, tmp_path):
+    _, workdir = trained_runs[0]
+    page = (workdir / "eval" / "report.html").as_uri()
+    common = [_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    shot = tmp_path / "report.png"
+    subprocess.run(common + [f"--screenshot={shot}", "--window-size=1200,3000", page],
+                   check=True, capture_output=True, timeout=120)
+    dom = subprocess.run(common + ["--dump-dom", page], check=True, capture_output=True,
+                         text=True, timeout=120).stdout
+    assert 'data-images-rendered="6/6"' in dom  # the page's own check: every figure decoded
+    assert "All 6 figures rendered." in dom
+    img = np.asarray(Image.open(shot).convert("RGB"))
+    assert img.shape == (3000, 1200, 3)
+    # tables and figures, not a blank page: many colours, and the plots' blue lines
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 500
+    blue = (img[..., 2] > 150) & (img[..., 0] < 80)
+    assert blue.sum() > 1000
