@@ -1,4 +1,4 @@
-"""fracture_jax command line: train, evaluate, predict or inspect, from a config file.
+"""fracture_jax command line: train, evaluate, predict, export or inspect, from a config file.
 
     python main.py --config=configs/effnet.py --workdir=runs/effnet [--mode=train]
     python main.py --config=configs/demo.py --workdir=runs/demo --config.train.epochs=2
@@ -15,7 +15,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/default.py", "Path to a config file.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", "runs/default", "Where checkpoints, logs and reports go.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "inspect"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export", "inspect"],
+                  "What to do.")
 flags.DEFINE_string("images", None, "predict: an image file, a folder or a glob.")
 
 

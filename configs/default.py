@@ -69,6 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
     e.samples = 16  # images in the sample-prediction grid
     e.gradcam_per_group = 4  # Grad-CAM overlays per group (true pos., false pos., false neg.)
 
+    c.export = x = ml_collections.ConfigDict()
+    x.formats = "h5,keras,onnx"  # what --mode=export writes (keras and onnx need those packages)
+
     c.predict = p = ml_collections.ConfigDict()
     p.output = ""  # CSV path (default: <workdir>/predictions.csv)
     p.gradcam = False  # also write a Grad-CAM overlay PNG per image next to the CSV

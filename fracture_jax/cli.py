@@ -30,11 +30,14 @@ def run(config, workdir: str, mode: str, images: str | None = None):
     elif mode == "predict":
         from fracture_jax.predict import predict_files
         predict_files(config, workdir, images)
+    elif mode == "export":
+        from fracture_jax.export import export_run
+        export_run(config, workdir)
     elif mode == "inspect":
         from fracture_jax.data.inspect import inspect_dataset
         inspect_dataset(config, workdir)
     else:
-        raise UserError(f"--mode={mode} is unknown; use train, eval, predict or inspect")
+        raise UserError(f"--mode={mode} is unknown; use train, eval, predict, export or inspect")
 
 
 class _QuietLibraries:

@@ -17,9 +17,9 @@ def keras_model(name: str, size: int, include_top: bool = False, **kw):
                 input_shape=(size, size, 3), **kw)
 
 
-def randomise(model, seed: int = 0, normalization=None):
-    """Random BatchNorm statistics and affine terms (so their order matters), and optionally
-    fixed Normalization statistics ``(mean, variance)``."""
+def randomise(model, seed: int = 0, normalization=None, spread: float = 0.5):
+    """Random BatchNorm statistics and affine terms (so their order matters; ``spread`` sets
+    how far scales stray from 1), and optionally fixed Normalization ``(mean, variance)``."""
     rng = np.random.default_rng(seed)
     for layer in model.layers:
         weights = layer.get_weights()
@@ -27,9 +27,9 @@ def randomise(model, seed: int = 0, normalization=None):
             continue
         kind = type(layer).__name__
         if kind == "BatchNormalization":
-            c = weights[0].shape
-            weights = [rng.uniform(0.5, 1.5, c), rng.normal(0, 0.1, c), rng.normal(0, 0.1, c),
-                       rng.uniform(0.5, 1.5, c)]
+            c, s = weights[0].shape, spread
+            weights = [rng.uniform(1 - s, 1 + s, c), rng.normal(0, s / 5, c),
+                       rng.normal(0, s / 5, c), rng.uniform(1 - s, 1 + s, c)]
         elif kind == "Normalization":
             mean, var = normalization or (rng.uniform(0.3, 0.6, 3), rng.uniform(0.04, 0.09, 3))
             weights = [np.asarray(mean).reshape(weights[0].shape),

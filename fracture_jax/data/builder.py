@@ -53,6 +53,11 @@ def _dataset_dir(data_dir: Path) -> Path:
     return data_dir / NAME / str(BoneFractures.VERSION)
 
 
+def report_path(data_dir: str) -> Path:
+    """Where ``prepare`` keeps the scan report of the data it prepared into ``data_dir``."""
+    return _dataset_dir(Path(data_dir).expanduser()) / REPORT
+
+
 def prepare(root: str, data_dir: str) -> ScanReport:
     """Build (or reuse) the ArrayRecord copy of ``root`` under ``data_dir``; its scan report."""
     find_layout(root)  # layout errors, named, before any work

@@ -5,6 +5,8 @@ Every layer stores its variables under the names Keras gives them (``kernel``, `
 by position. A layer built with ``frozen=True`` runs in inference mode and passes no gradient.
 """
 
+import contextlib
+import contextvars
 from typing import Sequence
 
 import flax.linen as nn
@@ -13,6 +15,18 @@ import jax.numpy as jnp
 from jax import lax
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
+_PORTABLE = contextvars.ContextVar("portable", default=False)
+
+
+@contextlib.contextmanager
+def portable():
+    """Trace with the plain XLA operations everywhere (for export), not the CPU fast paths."""
+    token = _PORTABLE.set(True)
+    try:
+        yield
+    finally:
+        _PORTABLE.reset(token)
+
 Pad = str | Sequence[tuple[int, int]]
 
 
@@ -42,7 +56,7 @@ def depthwise_conv2d(x, kernel, strides: int, padding: Pad):
     shifted, scaled copies of the input: XLA's CPU depthwise kernel (and its gradient) is
     10-50x slower, and the sum gives the same float32 result. Elsewhere: XLA's own."""
     kh, kw, c, _ = kernel.shape
-    if jax.default_backend() != "cpu":
+    if jax.default_backend() != "cpu" or _PORTABLE.get():
         return lax.conv_general_dilated(x, kernel.reshape(kh, kw, 1, c), (strides,) * 2, padding,
                                         dimension_numbers=_DIMS, feature_group_count=c)
     if padding == "SAME":

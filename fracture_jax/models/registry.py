@@ -43,6 +43,9 @@ class ModelSpec:
     notop: WeightsFile | None  # the published Keras files (None: no pretrained weights)
     top: WeightsFile | None
     top_layers: tuple[str, ...]  # layers of with-top files that the backbone ignores
+    keras_class: str | None = None  # its keras.applications constructor (None: not in Keras)
+    keras_preprocess: str | None = None  # keras.applications module whose preprocess_input
+    # the Keras model expects on RGB 0-255 (None: it takes RGB 0-255 itself)
 
 
 def _effnet(variant: str) -> ModelSpec:
@@ -54,7 +57,7 @@ def _effnet(variant: str) -> ModelSpec:
         build=lambda **kw: EfficientNet(variant=variant, **kw),
         notop=WeightsFile(f"{name}_notop.h5", f"{base}{name}_notop.h5", notop_md5),
         top=WeightsFile(f"{name}.h5", f"{base}{name}.h5", top_md5),
-        top_layers=("predictions",))
+        top_layers=("predictions",), keras_class=f"EfficientNet{variant.upper()}")
 
 
 def _published(folder: str, stem: str, top_md5: str, notop_md5: str):
@@ -72,9 +75,9 @@ _vgg_notop, _vgg_top = _published(
 MODELS: dict[str, ModelSpec] = {
     **{f"efficientnet{v}": _effnet(v) for v in VARIANTS},
     "resnet50": ModelSpec("resnet50", 224, lambda **kw: ResNet50(**kw), _resnet_notop, _resnet_top,
-                          ("predictions",)),
+                          ("predictions",), "ResNet50", "resnet50"),
     "vgg16": ModelSpec("vgg16", 224, lambda **kw: VGG16(**kw), _vgg_notop, _vgg_top,
-                       ("fc1", "fc2", "predictions")),
+                       ("fc1", "fc2", "predictions"), "VGG16", "vgg16"),
     "smallcnn": ModelSpec("smallcnn", 64, lambda **kw: SmallCNN(**kw), None, None, ()),
 }
 

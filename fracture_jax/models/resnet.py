@@ -51,12 +51,14 @@ class ResNet50(nn.Module):
             for i in range(1, blocks + 1):
                 name = f"{stage}_block{i}"
                 s = stride if i == 1 else 1
-                if i == 1:
-                    shortcut = bn(name + "_0_bn", conv(name + "_0_conv", 4 * filters, 1, s)(x))
-                else:
-                    shortcut = x
                 y = L.relu(bn(name + "_1_bn", conv(name + "_1_conv", filters, 1, s)(x)))
                 y = L.relu(bn(name + "_2_bn", conv(name + "_2_conv", filters, 3, 1, "SAME")(y)))
-                y = bn(name + "_3_bn", conv(name + "_3_conv", 4 * filters, 1)(y))
+                if i == 1:  # in Keras' layer order: 0_conv, 3_conv, 0_bn, 3_bn
+                    shortcut = conv(name + "_0_conv", 4 * filters, 1, s)(x)
+                    y = conv(name + "_3_conv", 4 * filters, 1)(y)
+                    shortcut, y = bn(name + "_0_bn", shortcut), bn(name + "_3_bn", y)
+                else:
+                    shortcut = x
+                    y = bn(name + "_3_bn", conv(name + "_3_conv", 4 * filters, 1)(y))
                 x = L.relu(shortcut + y)
         return x

@@ -7,6 +7,11 @@ import jax.numpy as jnp
 from fracture_jax.models import layers as L
 
 
+# Keras' 0.99 lets the moving statistics trail far behind weights that change fast from
+# random init; at 0.9 they follow within tens of steps.
+BN_MOMENTUM = 0.9
+
+
 class SmallCNN(nn.Module):
     """RGB 0-255 in (scaled to 0-1 inside), feature map (N, H/16, W/16, ``8 * width``) out."""
 
@@ -24,7 +29,8 @@ class SmallCNN(nn.Module):
                 features = self.width * 2 ** (block - 1)
                 x = L.Conv2D(features, 3, stride, "SAME", use_bias=False, frozen=n < self.frozen,
                              dtype=self.dtype, name=f"block{block}_conv{conv}")(x)
-                x = L.BatchNormalization(axis_name=self.axis_name, frozen=n + 1 < self.frozen,
+                x = L.BatchNormalization(momentum=BN_MOMENTUM, axis_name=self.axis_name,
+                                         frozen=n + 1 < self.frozen,
                                          dtype=self.dtype, name=f"block{block}_bn{conv}")(x, train)
                 x = L.relu(x)
                 n += 2
