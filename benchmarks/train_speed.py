@@ -1,14 +1,20 @@
 """Images/s of fracture_jax's train step (full fine-tune, frozen backbone) and inference.
 
 Prints one JSON line per (model, mode): median images/s over timed steps, compile time and
-peak resident memory. Random weights and synthetic batches, like the peer scripts.
+peak resident memory. Random weights and synthetic batches, like the peer scripts. With
+``--peers torch,keras`` the peer scripts of ``--peers-dir`` run next, in the same invocation,
+their JSON lines are passed through, and a last ``summary`` line gives each ratio
+fracture_jax / best peer.
 
     python benchmarks/train_speed.py [--models efficientnetb2,resnet50,vgg16] [--modes full,frozen,infer]
+        [--peers torch,keras --peers-dir ../shared/bench/peers --peers-env ~/.cache/fracture_peers]
 """
 
 import argparse
 import json
+import os
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +29,20 @@ from configs import default  # noqa: E402
 from fracture_jax import parallel  # noqa: E402
 from fracture_jax.models import backbone_layers, get_spec  # noqa: E402
 from fracture_jax.train import Phase, TrainState, compile_phase, initial_variables  # noqa: E402
+
+
+def step_flops(program, mode, state, data, key) -> float | None:
+    """FLOPs of one compiled step, as XLA counts them (None where the backend does not)."""
+    try:
+        if mode == "infer":
+            lowered = program.forward.lower(state.variables, data["image"])
+        else:
+            lowered = program.train_step.lower(state, data, key)
+        cost = lowered.compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        return float(cost.get("flops", 0.0)) or None
+    except Exception:  # cost analysis is optional information
+        return None
 
 
 def bench(name, mode, size, batch, steps, dtype):
@@ -44,7 +64,7 @@ def bench(name, mode, size, batch, steps, dtype):
     key = jax.random.key(0)
     if mode == "infer":
         def run(state):
-            jax.block_until_ready(program.eval_step(state, {"image": data["image"]}))
+            jax.block_until_ready(program.forward(state.variables, data["image"]))
             return state
     else:
         def run(state):
@@ -54,6 +74,7 @@ def bench(name, mode, size, batch, steps, dtype):
     t = time.perf_counter()
     state = run(state)
     compile_s = time.perf_counter() - t
+    flops = step_flops(program, mode, state, data, key)
     times = []
     for _ in range(steps):
         t = time.perf_counter()
@@ -63,8 +84,54 @@ def bench(name, mode, size, batch, steps, dtype):
     return {"framework": "fracture_jax", "model": name, "mode": mode, "image_size": size,
             "batch": batch, "dtype": dtype, "img_per_s_median": batch / med,
             "step_s_median": med, "compile_s": compile_s, "steps": steps,
+            "step_gflop": flops / 1e9 if flops else None,
+            "achieved_tflop_s": flops / med / 1e12 if flops else None,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "backend": jax.default_backend(), "devices": jax.device_count()}
+
+
+PEER_NAMES = {"torch": {"efficientnetb2": "efficientnet_b2"}, "keras": {}}
+PEER_MODES = {"full": "train", "frozen": "frozen", "infer": "infer"}
+
+
+def run_peer(peer: str, models: list[str], modes: list[str], a) -> list[dict]:
+    """Run one peer's script on the same models and modes; return its JSON records."""
+    env = dict(os.environ)
+    python = os.path.join(os.path.expanduser(a.peers_env), peer, "bin", "python")
+    cmd = [python, os.path.join(a.peers_dir, f"{peer}_bench.py"),
+           "--models", ",".join(PEER_NAMES[peer].get(m, m) for m in models),
+           "--modes", ",".join(PEER_MODES[m] for m in modes), "--wait-quiet", "5"]
+    if peer == "torch":
+        cmd += ["--channels-last", "1"]
+    else:
+        env["KERAS_BACKEND"] = "tensorflow"
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    records = []
+    for line in out.stdout.splitlines():
+        if line.startswith("{"):
+            print(line, flush=True)
+            records.append(json.loads(line))
+    if out.returncode:
+        print(json.dumps({"framework": peer, "error": out.stderr[-2000:]}), flush=True)
+    return records
+
+
+def summary(ours: list[dict], peers: list[dict]) -> dict:
+    """fracture_jax images/s over the best peer's, per model and mode."""
+    rows = {}
+    back = {v: k for names in PEER_NAMES.values() for k, v in names.items()}
+    modes = {v: k for k, v in PEER_MODES.items()}
+    for r in ours:
+        best = [p for p in peers if p.get("img_per_s_median")
+                and back.get(p["model"], p["model"]) == r["model"]
+                and modes.get(p["mode"], p["mode"]) == r["mode"]]
+        peer = max(best, key=lambda p: p["img_per_s_median"], default=None)
+        rows[f"{r['model']}/{r['mode']}"] = {
+            "fracture_jax": round(r["img_per_s_median"], 3),
+            **{p["framework"]: round(p["img_per_s_median"], 3) for p in best},
+            "ratio_to_best_peer": round(r["img_per_s_median"] / peer["img_per_s_median"], 3)
+            if peer else None}
+    return {"summary": rows}
 
 
 def main():
@@ -76,11 +143,20 @@ def main():
     p.add_argument("--vgg-train-batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--peers", default="", help="comma-separated: torch, keras")
+    p.add_argument("--peers-dir", default="../shared/bench/peers")
+    p.add_argument("--peers-env", default=os.environ.get("PEERS", "~/.cache/fracture_peers"))
     a = p.parse_args()
-    for name in a.models.split(","):
-        for mode in a.modes.split(","):
+    models, modes = a.models.split(","), a.modes.split(",")
+    ours = []
+    for name in models:
+        for mode in modes:
             batch = a.vgg_train_batch if name == "vgg16" and mode != "infer" else a.batch
-            print(json.dumps(bench(name, mode, a.size, batch, a.steps, a.dtype)), flush=True)
+            ours.append(bench(name, mode, a.size, batch, a.steps, a.dtype))
+            print(json.dumps(ours[-1]), flush=True)
+    peers = [r for peer in filter(None, a.peers.split(",")) for r in run_peer(peer, models, modes, a)]
+    if peers:
+        print(json.dumps(summary(ours, peers)), flush=True)
 
 
 if __name__ == "__main__":
