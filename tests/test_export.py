@@ -53,11 +53,12 @@ def fine_tuned(name: str, size: int, published: bool, images, tmp_path):
 
 def float32_noise(model, variables, images, probs) -> float:
     """How far fracture_jax's own float32 probabilities move under rounding alone: eager vs
-    compiled, and inputs changed in their last bit. A random-weight EfficientNet amplifies
-    rounding (about 1e-5 here); ResNet50 and VGG16 stay far below 1e-5."""
+    compiled, and inputs changed in their last bit. These random-weight networks amplify
+    rounding to 4e-6 to 1e-5 on the probability; another implementation of the same float32
+    arithmetic (Keras, onnxruntime) differs by a few times that, a wrong export by 1e-2 or more."""
     moves = [np.abs(np.asarray(jax.nn.sigmoid(model.apply(variables, images))) - probs).max()]
     rng = np.random.default_rng(0)
-    for _ in range(3):
+    for _ in range(5):
         nudged = images * (1 + rng.normal(0, 6e-8, images.shape)).astype(np.float32)
         moves.append(np.abs(np.asarray(jax.nn.sigmoid(jax.jit(model.apply)(variables, nudged)))
                             - probs).max())
@@ -73,7 +74,7 @@ def test_keras_and_onnx_files_predict_what_fracture_jax_predicts(name, size, pub
     model, variables, rescaling = fine_tuned(name, size, published, images, tmp_path)
     ours = np.asarray(jax.nn.sigmoid(jax.jit(model.apply)(variables, images)))
     assert ours.max() - ours.min() > 0.3  # not saturated: the comparison means something
-    tol = max(1e-5, 4 * float32_noise(model, variables, images, ours))
+    tol = max(1e-5, 8 * float32_noise(model, variables, images, ours))
 
     h5 = write_legacy_h5(str(tmp_path / "model.h5"),
                          keras_layer_arrays(name, variables))
