@@ -150,12 +150,17 @@ def figures(out_dir: str, member: Member, source, probs, labels, split: str, res
 
 
 def evaluate(config, workdir: str) -> dict:
-    """Score ``workdir`` (and ``config.eval.ensemble``'s workdirs) and write the report."""
+    """Score ``workdir`` (and ``config.eval.ensemble``'s workdirs) and write the report.
+
+    The data is ``config.data`` when it names any, else the data of the run in ``workdir``.
+    """
     mesh = parallel.make_mesh()
-    report, all_sources = dataset.load(config, workdir)
-    sources = {s: all_sources[s] for s in ("val", "test") if s in all_sources}
     extra = [w.strip() for w in config.eval.ensemble.split(",") if w.strip()]
     members = [load_member(w) for w in [workdir] + extra]
+    # the data named on the command line, else the data the run was trained on
+    data = config if config.data.root or config.data.synthetic else members[0].config
+    report, all_sources = dataset.load(data, workdir)
+    sources = {s: all_sources[s] for s in ("val", "test") if s in all_sources}
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
 

@@ -14,6 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
+from configs import default
 from fracture_jax import cli, parallel
 from fracture_jax.data.builder import data_sources, prepare
 from fracture_jax.data.pipeline import example_at
@@ -144,8 +145,9 @@ def test_train_ends_with_an_eval_report(trained_runs):
 
 
 def test_ensemble_averages_member_probabilities(trained_runs):
-    (config, first), (_, second) = trained_runs
-    config = config.copy_and_resolve_references()
+    (_, first), (_, second) = trained_runs
+    config = default.get_config()  # no data named: the run's own data is scored
+    config.eval.bootstrap = 50
     config.eval.ensemble = str(second)
     config.eval.flip_tta = True
     cli.run(config, str(first), "eval")
