@@ -84,6 +84,12 @@ def test_keras_and_onnx_files_predict_what_fracture_jax_predicts(name, size, pub
         keras_in = getattr(keras.applications, spec.keras_preprocess).preprocess_input(keras_in)
     net = keras_head_model(name, size, 0.2, rescaling)  # the .h5 into a fresh Keras model
     net.load_weights(h5)
+    # the backbone, as the parity tests hold it: pooled features within 1e-5 relative
+    pooled = keras.Model(net.input, net.get_layer("head_pool").output)(keras_in)
+    features = FractureClassifier(model=name, include_head=False, imagenet_rescaling=rescaling)
+    ours_pooled = np.asarray(features.apply(variables, images))
+    pooled_err = np.linalg.norm(np.asarray(pooled) - ours_pooled) / np.linalg.norm(ours_pooled)
+    assert pooled_err <= 1e-5
     np.testing.assert_allclose(np.asarray(net(keras_in))[:, 0], ours, atol=tol)
 
     path = write_keras(str(tmp_path / "model.keras"), name, size, 0.2, h5, rescaling)
@@ -96,7 +102,8 @@ def test_keras_and_onnx_files_predict_what_fracture_jax_predicts(name, size, pub
                              for i in range(len(images))])
     np.testing.assert_allclose(served, ours, atol=tol)
     print(f"{name}: max |difference| keras {np.abs(np.asarray(net(keras_in))[:, 0] - ours).max():.2e}"
-          f", onnx {np.abs(served - ours).max():.2e}; float32 noise bound {tol:.2e}")
+          f", onnx {np.abs(served - ours).max():.2e}; float32 noise bound {tol:.2e}; keras pooled "
+          f"features relative error {pooled_err:.1e}")
 
 
 def test_export_mode_end_to_end(phantom_root, tmp_path):
