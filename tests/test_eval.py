@@ -147,6 +147,7 @@ def test_train_ends_with_an_eval_report(trained_runs):
 def test_ensemble_averages_member_probabilities(trained_runs):
     (_, first), (_, second) = trained_runs
     config = default.get_config()  # no data named: the run's own data is scored
+    config.data.num_workers = 0  # (grain's worker processes are tested in test_data)
     config.eval.bootstrap = 50
     config.eval.ensemble = str(second)
     config.eval.flip_tta = True
