@@ -5,7 +5,6 @@ the rest, with their own missing dependencies, at the versions pinned in require
     python benchmarks/fetch_wheels.py .whl      # then carry .whl/ and install with --no-deps
 """
 
-import os
 import re
 import subprocess
 import sys

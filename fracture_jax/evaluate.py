@@ -8,11 +8,9 @@ threshold and at 0.5), ``threshold.json`` (what ``--mode=predict`` uses), the fi
 
 import csv
 import dataclasses
-import json
 import os
 import time
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -23,6 +21,7 @@ from fracture_jax import parallel, plots
 from fracture_jax.checkpoint import load_best
 from fracture_jax.data import dataset
 from fracture_jax.data.pipeline import example_at, file_names
+from fracture_jax.files import atomic_path, write_json
 from fracture_jax.gradcam import grad_cam
 from fracture_jax.inference import make_forward, predict
 from fracture_jax.report import write_report
@@ -88,10 +87,6 @@ def score(probs: dict, config) -> dict:
     return result
 
 
-def _figure_split(probs: dict) -> str:
-    return "test" if "test" in probs else "val"
-
-
 def sample_indices(labels, count: int, seed: int) -> np.ndarray:
     """Up to ``count`` examples, half of each class, drawn with a fixed seed."""
     rng = np.random.default_rng(seed)
@@ -141,8 +136,7 @@ def figures(out_dir: str, member: Member, source, probs, labels, split: str, res
     cases = gradcam_cases(labels, probs, threshold, config.eval.gradcam_per_group)
     if cases:
         images = np.stack([example_at(source, i, size)[0] for _, i in cases])
-        heat, _ = jax.jit(grad_cam, static_argnums=0)(member.model, member.variables,
-                                                      jnp.asarray(images))
+        heat, _ = grad_cam(member.model, member.variables, jnp.asarray(images))
         made[f"Grad-CAM ({split})"] = plots.image_grid(
             images, [f"{g}, p={probs[i]:.2f}" for g, i in cases],
             os.path.join(out_dir, "gradcam.png"), heat=np.asarray(heat))
@@ -186,7 +180,7 @@ def evaluate(config, workdir: str) -> dict:
             columns[primary] = probs[split][0]
         _write_predictions(os.path.join(out_dir, f"predictions_{split}.csv"),
                            file_names(source), probs[split][1], columns)
-    split = _figure_split(probs)
+    split = "test" if "test" in probs else "val"
     made = figures(out_dir, members[0], sources[split], probs[split][0], probs[split][1], split,
                    results[primary], config)
     metrics = {"primary": primary, "members": [m.name for m in members],
@@ -194,9 +188,9 @@ def evaluate(config, workdir: str) -> dict:
                "bootstrap": {"resamples": config.eval.bootstrap, "seed": config.seed,
                              "level": 0.95},
                "speed": speed, "results": results, "fracture_jax": fracture_jax.__version__}
-    _write(out_dir, "metrics.json", metrics)
-    _write(out_dir, "threshold.json", results[members[0].name]["threshold"]
-           | {"model": members[0].name})
+    write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    write_json(os.path.join(out_dir, "threshold.json"), results[members[0].name]["threshold"]
+               | {"model": members[0].name})
     page = write_report(os.path.join(out_dir, "report.html"), metrics, made, report,
                         members[0].config.to_dict())
     _log_summary(metrics)
@@ -206,20 +200,11 @@ def evaluate(config, workdir: str) -> dict:
 
 def _write_predictions(path: str, files: list[str], labels, columns: dict):
     """One row per image: file, true label, then each model's probability of fractured."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["file", "label", *columns])
         for i, name in enumerate(files):
             writer.writerow([name, int(labels[i]), *(f"{p[i]:.6f}" for p in columns.values())])
-    os.replace(tmp, path)
-
-
-def _write(out_dir: str, name: str, obj):
-    tmp = os.path.join(out_dir, f".{name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, name))
 
 
 def _log_summary(metrics: dict):

@@ -4,10 +4,13 @@ The classifier marks its last feature maps with ``perturb('maps')``, so the grad
 logit with respect to them is the gradient with respect to a zero perturbation.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def grad_cam(model, variables: dict, images) -> tuple[jax.Array, jax.Array]:
     """(heat maps (N, H, W) in [0, 1] at the image size, logits (N,)) in inference mode."""
     _, maps = model.apply(variables, images, train=False, return_maps=True)

@@ -21,6 +21,7 @@ from fracture_jax.data.decode import DecodeError, decode
 from fracture_jax.data.scan import JUNK_FILES
 from fracture_jax.errors import UserError
 from fracture_jax.evaluate import load_member, sigmoid
+from fracture_jax.files import atomic_path
 from fracture_jax.gradcam import grad_cam
 from fracture_jax.inference import make_forward
 
@@ -98,19 +99,17 @@ def predict_files(config, workdir: str, images: str | None) -> str:
                   "fractured" if q >= threshold else "not_fractured",
                   "threshold": f"{threshold:.6f}", "error": ""} for p, q in zip(good, probs)]
         if config.predict.gradcam:
-            heat, _ = jax.jit(grad_cam, static_argnums=0)(member.model, member.variables,
-                                                          jnp.asarray(x[:len(good)]))
+            heat, _ = grad_cam(member.model, member.variables, jnp.asarray(x[:len(good)]))
             for path, img, h, q in zip(good, x, np.asarray(heat), probs):
                 stem = os.path.splitext(os.path.basename(path))[0]
                 plots.image_grid(img[None], [f"{stem[:30]}: p={q:.2f}"],
                                  os.path.join(cam_dir, f"{stem}.png"), heat=h[None], cols=1)
-    rows.sort(key=lambda r: files.index(r["file"]))
-    tmp = f"{output}.tmp"
-    with open(tmp, "w", newline="") as f:
+    order = {path: i for i, path in enumerate(files)}
+    rows.sort(key=lambda r: order[r["file"]])
+    with atomic_path(output) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, FIELDS, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, output)
     print(f"predictions for {len(files) - failed} of {len(files)} files in {output}"
           + (f" ({failed} could not be read: see the error column)" if failed else ""))
     return output

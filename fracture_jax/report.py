@@ -4,8 +4,9 @@ config, every metric with its 95% CI, and all figures."""
 import base64
 import html
 import json
-import os
 import time
+
+from fracture_jax.files import atomic_path
 
 METRICS = ("roc_auc", "pr_auc", "accuracy", "recall", "specificity", "precision", "npv", "f1",
            "brier", "ece")
@@ -119,8 +120,6 @@ def write_report(path: str, metrics: dict, figures: dict, data_report, config: d
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(primary)}</title>"
             f"<style>{STYLE}</style><script>{CHECK_IMAGES}</script></head><body>"
             + "\n".join(parts) + "</body></html>")
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(page)
-    os.replace(tmp, path)
     return path

@@ -11,12 +11,17 @@ from sklearn import metrics as skm
 ECE_BINS = 15
 
 
+def _bin_of(probs, bins: int) -> np.ndarray:
+    """Equal-width bin of each probability: [0, 1/B), ..., [(B-1)/B, 1]."""
+    return np.clip((probs * bins).astype(int), 0, bins - 1)
+
+
 def expected_calibration_error(labels, probs, bins: int = ECE_BINS, weights=None) -> float:
     """Sum over equal-width probability bins of |fraction positive - mean probability|,
     weighted by each bin's share of the examples."""
     y, p = np.asarray(labels, np.float64), np.asarray(probs, np.float64)
     w = np.ones_like(p) if weights is None else np.asarray(weights, np.float64)
-    idx = np.clip((p * bins).astype(int), 0, bins - 1)  # [0,1/B), ..., [(B-1)/B, 1]
+    idx = _bin_of(p, bins)
     count = np.bincount(idx, w, bins)
     gap = np.abs(np.bincount(idx, w * y, bins) - np.bincount(idx, w * p, bins))
     return float(gap.sum() / count.sum())
@@ -25,7 +30,7 @@ def expected_calibration_error(labels, probs, bins: int = ECE_BINS, weights=None
 def reliability(labels, probs, bins: int = ECE_BINS):
     """(mean probability, fraction positive, count) of each non-empty bin, for the diagram."""
     y, p = np.asarray(labels, np.float64), np.asarray(probs, np.float64)
-    idx = np.clip((p * bins).astype(int), 0, bins - 1)
+    idx = _bin_of(p, bins)
     count = np.bincount(idx, minlength=bins)
     keep = count > 0
     return (np.bincount(idx, p, bins)[keep] / count[keep],

@@ -8,7 +8,6 @@ and their BatchNorm runs in inference mode (Keras' rule for ``trainable=False``)
 """
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -28,6 +27,7 @@ from fracture_jax.checkpoint import RunCheckpoints
 from fracture_jax.data import dataset
 from fracture_jax.data.pipeline import Augment, train_dataset
 from fracture_jax.errors import UserError
+from fracture_jax.files import write_json
 from fracture_jax.inference import make_forward, predict
 from fracture_jax.metrics import epoch_metrics
 from fracture_jax.models import FractureClassifier, backbone_layers, get_spec
@@ -253,10 +253,7 @@ def _predict(program, state, source, config, mesh):
 def _write_json(workdir: str, name: str, obj):
     """Write ``workdir/name`` atomically, from the first process only."""
     if jax.process_index() == 0:
-        tmp = os.path.join(workdir, f".{name}.tmp")
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, os.path.join(workdir, name))
+        write_json(os.path.join(workdir, name), obj)
 
 
 def _tensorboard(workdir):

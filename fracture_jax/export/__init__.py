@@ -17,6 +17,7 @@ from absl import logging
 import fracture_jax
 from fracture_jax.data.builder import report_path
 from fracture_jax.errors import UserError
+from fracture_jax.files import atomic_path, write_json
 from fracture_jax.export.keras_files import keras_layer_arrays, write_keras, write_legacy_h5
 from fracture_jax.models import get_spec, layers
 from fracture_jax.scoring import CLASS_NAMES
@@ -52,9 +53,8 @@ def write_onnx(path: str, model, variables: dict, image_size: int) -> str:
     example = np.zeros((1, image_size, image_size, 3), np.float32)
     with layers.portable():
         proto = to_onnx(probability, example, doc="fracture_jax: probability of fractured")
-    tmp = f"{path}.tmp"
-    onnx.save(proto, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        onnx.save(proto, tmp)
     return path
 
 
@@ -115,10 +115,7 @@ def export_run(config, workdir: str) -> dict:
             "selected_by": {run.train.early_stop_metric: member.meta.get("best")},
             "files": {k: os.path.basename(v) for k, v in written.items()},
             "fracture_jax": fracture_jax.__version__}
-    tmp = os.path.join(out_dir, ".model.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(info, f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, "model.json"))
+    write_json(os.path.join(out_dir, "model.json"), info)
     if "h5" not in wanted and os.path.exists(os.path.join(out_dir, "model.h5")):
         os.remove(os.path.join(out_dir, "model.h5"))  # only the .keras was asked for
     logging.info("exported %s", ", ".join(f"{k} {v}" for k, v in written.items()))

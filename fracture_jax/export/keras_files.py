@@ -11,6 +11,7 @@ import os
 import h5py
 import numpy as np
 
+from fracture_jax.files import atomic_path
 from fracture_jax.models import backbone_layers, get_spec
 from fracture_jax.models.efficientnet import IMAGENET_STDDEV_RGB
 from fracture_jax.weights.keras_h5 import KERAS_ORDER
@@ -35,8 +36,7 @@ def keras_layer_arrays(model: str, variables: dict
 
 def write_legacy_h5(path: str, layers) -> str:
     """Keras' legacy HDF5 weights layout: root ``layer_names``, per layer ``weight_names``."""
-    tmp = f"{path}.tmp"
-    with h5py.File(tmp, "w") as f:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["layer_names"] = [name.encode() for name, _ in layers]
         f.attrs["backend"] = b"jax"
         f.attrs["keras_version"] = b"3"
@@ -46,7 +46,6 @@ def write_legacy_h5(path: str, layers) -> str:
             group.attrs["weight_names"] = [n.encode() for n in names]
             for n, (_, array) in zip(names, arrays):
                 group.create_dataset(n, data=array)
-    os.replace(tmp, path)
     return path
 
 
@@ -83,7 +82,6 @@ def write_keras(path: str, model: str, image_size: int, dropout: float, h5_path:
     """Build the Keras model, load the ``.h5`` into it (as a Keras user would) and save it."""
     net = keras_model(model, image_size, dropout, imagenet_rescaling)
     net.load_weights(h5_path)
-    tmp = f"{path[:-len('.keras')]}.tmp.keras"  # Keras insists on the suffix
-    net.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # keeps the .keras suffix Keras insists on
+        net.save(tmp)
     return path

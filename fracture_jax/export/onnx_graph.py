@@ -185,8 +185,10 @@ def _run(g: _Graph, jaxpr, consts, in_names: list[str]) -> list:
             args = [v if v is not None else g.name_of(var) for v, var in zip(values, eqn.invars)]
             outs = _run(g, inner, inner_consts, args)
             for var, out in zip(eqn.outvars, outs):
-                (g.consts.__setitem__ if isinstance(out, np.ndarray) else g.names.__setitem__)(
-                    var, out)
+                if isinstance(out, np.ndarray):
+                    g.consts[var] = out
+                else:
+                    g.names[var] = out
             continue
         out_size = int(np.prod(eqn.outvars[0].aval.shape))
         if all(v is not None for v in values) and (
