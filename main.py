@@ -47,4 +47,6 @@ def main(argv):
 
 
 if __name__ == "__main__":  # grain's worker processes start by importing this module
+    from fracture_jax.host_memory import restart_with_huge_pages
+    restart_with_huge_pages()
     app.run(main, flags_parser=parse_flags)

@@ -7,6 +7,7 @@ by position. A layer built with ``frozen=True`` runs in inference mode and passe
 
 import contextlib
 import contextvars
+import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -63,17 +64,67 @@ def depthwise_conv2d(x, kernel, strides: int, padding: Pad):
         padding = (_same_pads(x.shape[1], kh, strides), _same_pads(x.shape[2], kw, strides))
     if padding != "VALID":
         x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-    n, h, w, _ = x.shape
-    oh, ow = (h - kh) // strides + 1, (w - kw) // strides + 1
-    out = None
+    per_device = tuple(_varying_axes(x) - _varying_axes(kernel))
+    if per_device:  # inside shard_map: the kernel's gradient is summed over devices outside
+        kernel = lax.pcast(kernel, per_device, to="varying")
+    return _shifted_depthwise(x, kernel, strides)
+
+
+def _varying_axes(x) -> frozenset:
+    """The shard_map axes along which ``x`` differs between devices."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)  # JAX 0.10; later versions: ``vma``
+    return manual.varying if manual is not None else getattr(aval, "vma", frozenset())
+
+
+def _taps(x, kh: int, kw: int, strides: int, oh: int, ow: int):
+    """The k*k strided windows of ``x`` that a (kh, kw) kernel's taps read, as ((i, j), slice)."""
+    n, _, _, c = x.shape
     for i in range(kh):
         for j in range(kw):
-            patch = lax.slice(x, (0, i, j, 0), (n, i + (oh - 1) * strides + 1,
-                                                j + (ow - 1) * strides + 1, c),
-                              (1, strides, strides, 1))
-            term = patch * kernel[i, j, :, 0]
-            out = term if out is None else out + term
-    return out
+            yield (i, j), lax.slice(x, (0, i, j, 0), (n, i + (oh - 1) * strides + 1,
+                                                      j + (ow - 1) * strides + 1, c),
+                                    (1, strides, strides, 1))
+
+
+def _out_size(x, kernel, strides: int) -> tuple[int, int]:
+    return ((x.shape[1] - kernel.shape[0]) // strides + 1,
+            (x.shape[2] - kernel.shape[1]) // strides + 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _shifted_depthwise(x, kernel, strides: int):
+    """VALID depthwise convolution of the padded ``x`` as a sum of shifted, scaled windows."""
+    kh, kw = kernel.shape[:2]
+    terms = (patch * kernel[i, j, :, 0]
+             for (i, j), patch in _taps(x, kh, kw, strides, *_out_size(x, kernel, strides)))
+    return functools.reduce(lambda a, b: a + b, terms)
+
+
+def _shifted_depthwise_fwd(x, kernel, strides):
+    return _shifted_depthwise(x, kernel, strides), (x, kernel)
+
+
+def _shifted_depthwise_bwd(strides, saved, dy):
+    """Both gradients as shifted sums too: the input's is the flipped kernel run over the
+    zero-dilated, padded output gradient (one fused pass, where autodiff of the slices gives
+    one padded copy per tap), the kernel's one reduction per tap."""
+    x, kernel = saved
+    kh, kw, c, _ = kernel.shape
+    oh, ow = _out_size(x, kernel, strides)
+    dkernel = jnp.stack([jnp.sum(patch * dy, axis=(0, 1, 2))
+                         for _, patch in _taps(x, kh, kw, strides, oh, ow)])
+    rows = (kh - 1, kh - 1 + x.shape[1] - (oh - 1) * strides - kh, strides - 1)
+    cols = (kw - 1, kw - 1 + x.shape[2] - (ow - 1) * strides - kw, strides - 1)
+    dy_wide = lax.pad(dy, jnp.zeros((), dy.dtype), ((0, 0, 0), rows, cols, (0, 0, 0)))
+    flipped = kernel[::-1, ::-1]
+    dx = functools.reduce(lambda a, b: a + b, (
+        patch * flipped[i, j, :, 0]
+        for (i, j), patch in _taps(dy_wide, kh, kw, 1, x.shape[1], x.shape[2])))
+    return dx, dkernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_shifted_depthwise.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
 
 
 class Conv2D(nn.Module):
