@@ -1,4 +1,4 @@
-"""The CPU depthwise convolution (shifted sums, hand-written gradient) against XLA's own."""
+"""The CPU convolutions (depthwise as shifted sums, hand-written gradients) against XLA's own."""
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,15 @@ def xla_depthwise(x, kernel, strides, padding):
     return lax.conv_general_dilated(x, kernel.reshape(kh, kw, 1, c), (strides,) * 2, padding,
                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                     feature_group_count=c)
+
+
+def xla_conv(x, kernel, strides, padding):
+    return lax.conv_general_dilated(x, kernel, (strides,) * 2, padding,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+DENSE = [(13, 11, 3, 1, "SAME", 5), (13, 12, 3, 2, "SAME", 3), (16, 15, 7, 2, "SAME", 6),
+         (9, 10, 3, 1, "VALID", 2), (16, 16, 3, 2, ((0, 1), (0, 1)), 4)]
 
 
 def loss(conv, strides, padding):
@@ -43,13 +52,29 @@ def test_depthwise_value_and_gradients_match_xla(h, w, k, strides, padding):
         assert g.shape == r.shape and relative(g, r) < 1e-5
 
 
-def test_depthwise_kernel_gradient_sums_over_devices():
+@pytest.mark.parametrize("h,w,k,strides,padding,cout", DENSE)
+def test_dense_value_and_gradients_match_xla(h, w, k, strides, padding, cout):
+    rng = np.random.default_rng(k * 100 + h)
+    x = jnp.asarray(rng.standard_normal((3, h, w, 4)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((k, k, 4, cout)), jnp.float32)
+    assert relative(layers.conv2d(x, kernel, strides, padding),
+                    xla_conv(x, kernel, strides, padding)) == 0  # the forward is XLA's own
+    got = jax.grad(loss(layers.conv2d, strides, padding), (0, 1))(x, kernel)
+    want = jax.grad(loss(xla_conv, strides, padding), (0, 1))(x, kernel)
+    for g, r in zip(got, want):
+        assert g.shape == r.shape and relative(g, r) < 1e-5
+
+
+@pytest.mark.parametrize("conv,reference,kernel_shape", [
+    (layers.depthwise_conv2d, xla_depthwise, (3, 3, 3, 1)),
+    (layers.conv2d, xla_conv, (3, 3, 3, 5))])
+def test_kernel_gradient_sums_over_devices(conv, reference, kernel_shape):
     """Inside shard_map the replicated kernel's gradient is the sum of every device's share,
     as JAX gives it for its own convolution."""
     mesh = jax.make_mesh((jax.device_count(),), ("batch",))
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2 * jax.device_count(), 9, 9, 3)), jnp.float32)
-    kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 1)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal(kernel_shape), jnp.float32)
 
     def grads(conv):
         per_device = jax.grad(loss(conv, 2, "SAME"), 1)
@@ -57,6 +82,6 @@ def test_depthwise_kernel_gradient_sums_over_devices():
                                 out_specs=P())
         return jax.jit(sharded)(jax.device_put(x, jax.NamedSharding(mesh, P("batch"))), kernel)
 
-    whole = jax.grad(loss(xla_depthwise, 2, "SAME"), 1)(x, kernel)
-    assert relative(grads(layers.depthwise_conv2d), whole) < 1e-5
-    assert relative(grads(xla_depthwise), whole) < 1e-5
+    whole = jax.grad(loss(reference, 2, "SAME"), 1)(x, kernel)
+    assert relative(grads(conv), whole) < 1e-5
+    assert relative(grads(reference), whole) < 1e-5
