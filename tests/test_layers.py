@@ -55,8 +55,11 @@ def test_depthwise_value_and_gradients_match_xla(h, w, k, strides, padding):
 @pytest.mark.parametrize("h,w,k,strides,padding,cout", DENSE)
 def test_dense_value_and_gradients_match_xla(h, w, k, strides, padding, cout):
     rng = np.random.default_rng(k * 100 + h)
-    x = jnp.asarray(rng.standard_normal((3, h, w, 4)), jnp.float32)
-    kernel = jnp.asarray(rng.standard_normal((k, k, 4, cout)), jnp.float32)
+    cin = layers._MATMUL_GRADIENT_MIN_CHANNELS  # the fewest that take the matmul gradient
+    x = jnp.asarray(rng.standard_normal((3, h, w, cin)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((k, k, cin, cout)), jnp.float32)
+    assert "custom_vjp" in str(jax.make_jaxpr(layers.conv2d, static_argnums=(2, 3))(
+        x, kernel, strides, padding))
     assert relative(layers.conv2d(x, kernel, strides, padding),
                     xla_conv(x, kernel, strides, padding)) == 0  # the forward is XLA's own
     got = jax.grad(loss(layers.conv2d, strides, padding), (0, 1))(x, kernel)
@@ -67,13 +70,14 @@ def test_dense_value_and_gradients_match_xla(h, w, k, strides, padding, cout):
 
 @pytest.mark.parametrize("conv,reference,kernel_shape", [
     (layers.depthwise_conv2d, xla_depthwise, (3, 3, 3, 1)),
-    (layers.conv2d, xla_conv, (3, 3, 3, 5))])
+    (layers.conv2d, xla_conv, (3, 3, layers._MATMUL_GRADIENT_MIN_CHANNELS, 5))])
 def test_kernel_gradient_sums_over_devices(conv, reference, kernel_shape):
     """Inside shard_map the replicated kernel's gradient is the sum of every device's share,
     as JAX gives it for its own convolution."""
     mesh = jax.make_mesh((jax.device_count(),), ("batch",))
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((2 * jax.device_count(), 9, 9, 3)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((2 * jax.device_count(), 9, 9, kernel_shape[2])),
+                    jnp.float32)
     kernel = jnp.asarray(rng.standard_normal(kernel_shape), jnp.float32)
 
     def grads(conv):
