@@ -107,7 +107,8 @@ def test_keras_and_onnx_files_predict_what_fracture_jax_predicts(name, size, pub
 
 
 def test_export_mode_end_to_end(phantom_root, tmp_path):
-    """Train a tiny VGG16 run, export it and check each file against --mode=predict."""
+    """Train a tiny VGG16 run, export it and check each file against --mode=predict, within
+    the same float32 rounding bound as above (a trained run's weights are another draw)."""
     config = tiny_config(**{"data.root": str(phantom_root), "data.num_workers": 0,
                             "model.name": "vgg16", "train.epochs": 1, "eval.bootstrap": 20,
                             "optimizer.name": "adam", "optimizer.lr": 1e-4,
@@ -131,12 +132,17 @@ def test_export_mode_end_to_end(phantom_root, tmp_path):
     from fracture_jax.predict import load_image
     x = np.stack([load_image(r["file"], 32) for r in rows])
     expected = np.array([float(r["probability"]) for r in rows])
+    from fracture_jax.evaluate import load_member
+    member = load_member(str(work))
+    tol = max(1e-5, 8 * float32_noise(member.model, member.variables, x, expected))
     keras_p = keras.models.load_model(out / "model.keras").predict(
         keras.applications.vgg16.preprocess_input(x.copy()), verbose=0)[:, 0]
-    np.testing.assert_allclose(keras_p, expected, atol=1e-5)
+    np.testing.assert_allclose(keras_p, expected, atol=tol)
     session = ort.InferenceSession(str(out / "model.onnx"))
     onnx_p = [session.run(None, {"image": x[i:i + 1]})[0][0] for i in range(len(x))]
-    np.testing.assert_allclose(onnx_p, expected, atol=1e-5)
+    np.testing.assert_allclose(onnx_p, expected, atol=tol)
+    print(f"end to end: keras {np.abs(keras_p - expected).max():.1e}, onnx "
+          f"{np.abs(np.asarray(onnx_p) - expected).max():.1e}; float32 noise bound {tol:.1e}")
 
 
 def test_export_errors_name_the_fix(phantom_root, tmp_path, monkeypatch):
