@@ -8,6 +8,7 @@ by position. A layer built with ``frozen=True`` runs in inference mode and passe
 import contextlib
 import contextvars
 import functools
+import operator
 from typing import Sequence
 
 import flax.linen as nn
@@ -83,7 +84,7 @@ def _cpu_conv_fwd(x, kernel, strides, padding):
 
 def _cpu_conv_bwd(strides, padding, saved, dy):
     x, kernel = saved
-    kh, kw, cin, cout = kernel.shape
+    kh, kw = kernel.shape[:2]
     _, input_vjp = jax.vjp(lambda x: _xla_conv(x, kernel, strides, padding), x)
     padded = jnp.pad(x, ((0, 0), *padding, (0, 0)))
     windows = dict(_taps(padded, kh, kw, strides, dy.shape[1], dy.shape[2]))
@@ -146,7 +147,7 @@ def _shifted_depthwise(x, kernel, strides: int):
     kh, kw = kernel.shape[:2]
     terms = (patch * kernel[i, j, :, 0]
              for (i, j), patch in _taps(x, kh, kw, strides, *_out_size(x, kernel, strides)))
-    return functools.reduce(lambda a, b: a + b, terms)
+    return functools.reduce(operator.add, terms)
 
 
 def _shifted_depthwise_fwd(x, kernel, strides):
@@ -158,7 +159,7 @@ def _shifted_depthwise_bwd(strides, saved, dy):
     zero-dilated, padded output gradient (one fused pass, where autodiff of the slices gives
     one padded copy per tap), the kernel's one reduction per tap."""
     x, kernel = saved
-    kh, kw, c, _ = kernel.shape
+    kh, kw = kernel.shape[:2]
     oh, ow = _out_size(x, kernel, strides)
     dkernel = jnp.stack([jnp.sum(patch * dy, axis=(0, 1, 2))
                          for _, patch in _taps(x, kh, kw, strides, oh, ow)])
@@ -166,7 +167,7 @@ def _shifted_depthwise_bwd(strides, saved, dy):
     cols = (kw - 1, kw - 1 + x.shape[2] - (ow - 1) * strides - kw, strides - 1)
     dy_wide = lax.pad(dy, jnp.zeros((), dy.dtype), ((0, 0, 0), rows, cols, (0, 0, 0)))
     flipped = kernel[::-1, ::-1]
-    dx = functools.reduce(lambda a, b: a + b, (
+    dx = functools.reduce(operator.add, (
         patch * flipped[i, j, :, 0]
         for (i, j), patch in _taps(dy_wide, kh, kw, 1, x.shape[1], x.shape[2])))
     return dx, dkernel.reshape(kernel.shape).astype(kernel.dtype)
