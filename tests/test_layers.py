@@ -89,3 +89,20 @@ def test_kernel_gradient_sums_over_devices(conv, reference, kernel_shape):
     whole = jax.grad(loss(reference, 2, "SAME"), 1)(x, kernel)
     assert relative(grads(conv), whole) < 1e-5
     assert relative(grads(reference), whole) < 1e-5
+
+
+@pytest.mark.parametrize("strides", [1, 2])
+def test_pointwise_value_and_gradients_match_xla(strides):
+    """1x1 convolutions run as 2-D matmuls over the pixels, gradients included: the 4-D
+    contraction made XLA's CPU transpose the output gradient first."""
+    rng = np.random.default_rng(strides)
+    x = jnp.asarray(rng.standard_normal((3, 9, 8, 6)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((1, 1, 6, 5)), jnp.float32)
+    assert relative(layers.conv2d(x, kernel, strides, "VALID"),
+                    xla_conv(x, kernel, strides, "VALID")) < 1e-6
+    grad = jax.grad(loss(layers.conv2d, strides, "VALID"), (0, 1))
+    dots = [e for e in jax.make_jaxpr(grad)(x, kernel).eqns if e.primitive.name == "dot_general"]
+    assert len(dots) == 3 and all(v.aval.ndim == 2 for e in dots for v in e.invars)
+    want = jax.grad(loss(xla_conv, strides, "VALID"), (0, 1))(x, kernel)
+    for g, r in zip(grad(x, kernel), want):
+        assert g.shape == r.shape and relative(g, r) < 1e-5
