@@ -170,8 +170,9 @@ def _shifted_depthwise_bwd(strides, saved, dy):
     x, kernel = saved
     kh, kw = kernel.shape[:2]
     oh, ow = _out_size(x, kernel, strides)
-    dkernel = jnp.stack([jnp.sum(patch * dy, axis=(0, 1, 2))
-                         for _, patch in _taps(x, kh, kw, strides, oh, ow)])
+    dkernel = jnp.sum(jnp.stack([_batch_folded(patch * dy)
+                                 for _, patch in _taps(x, kh, kw, strides, oh, ow)]),
+                      axis=(1, 2, 3))
     rows = (kh - 1, kh - 1 + x.shape[1] - (oh - 1) * strides - kh, strides - 1)
     cols = (kw - 1, kw - 1 + x.shape[2] - (ow - 1) * strides - kw, strides - 1)
     dy_wide = lax.pad(dy, jnp.zeros((), dy.dtype), ((0, 0, 0), rows, cols, (0, 0, 0)))
@@ -180,6 +181,16 @@ def _shifted_depthwise_bwd(strides, saved, dy):
         patch * flipped[i, j, :, 0]
         for (i, j), patch in _taps(dy_wide, kh, kw, 1, x.shape[1], x.shape[2])))
     return dx, dkernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+def _batch_folded(products, groups: int = 8):
+    """``products`` (N, H, W, C) summed down to N/g images by adding its g interleaved batch
+    slices, g the largest divisor of N up to ``groups``. The additions fuse with the window
+    slice that feeds them; a reduction straight over the slice first copies it whole (the
+    depthwise kernel gradient then ran 1.4-2.5x slower)."""
+    n = products.shape[0]
+    g = max(d for d in range(1, min(groups, n) + 1) if n % d == 0)
+    return functools.reduce(operator.add, (products[i::g] for i in range(g)))
 
 
 _shifted_depthwise.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
