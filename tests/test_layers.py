@@ -107,3 +107,18 @@ def test_pointwise_value_and_gradients_match_xla(strides):
     want = jax.grad(loss(xla_conv, strides, "VALID"), (0, 1))(x, kernel)
     for g, r in zip(grad(x, kernel), want):
         assert g.shape == r.shape and relative(g, r) < 1e-5
+
+
+@pytest.mark.parametrize("cin,strides,custom", [(3, 1, False), (3, 2, True),
+                                                (layers._MATMUL_GRADIENT_MIN_CHANNELS, 1, True)])
+def test_dense_gradient_path_choice(cin, strides, custom):
+    """Few input channels keep XLA's kernel gradient, unless the kernel is strided."""
+    rng = np.random.default_rng(cin)
+    x = jnp.asarray(rng.standard_normal((4, 12, 12, cin)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, cin, 4)), jnp.float32)
+    jaxpr = str(jax.make_jaxpr(layers.conv2d, static_argnums=(2, 3))(x, kernel, strides, "SAME"))
+    assert ("custom_vjp" in jaxpr) == custom
+    got = jax.grad(loss(layers.conv2d, strides, "SAME"), (0, 1))(x, kernel)
+    want = jax.grad(loss(xla_conv, strides, "SAME"), (0, 1))(x, kernel)
+    for g, r in zip(got, want):
+        assert relative(g, r) < 1e-5
