@@ -37,9 +37,9 @@ def _freeze(x, frozen: bool):
 
 
 def conv2d(x, kernel, strides: int, padding: Pad):
-    """A dense convolution; 1x1 kernels run as a matmul (XLA's CPU convolutions use one core,
-    its matmuls all of them, and the matmul's gradients are matmuls too). On CPU, with many
-    input channels, a larger kernel's gradient is computed as matmuls too (``_cpu_conv``)."""
+    """A dense convolution; 1x1 kernels run as a 2-D matmul over the pixels (its gradients are
+    matmuls too). On CPU a larger kernel's gradient is computed as matmuls (``_cpu_conv``) when
+    it has many input channels or a stride."""
     kh, kw, cin, cout = kernel.shape
     if kh == kw == 1:
         if strides > 1:
@@ -166,6 +166,16 @@ def _shifted_depthwise_fwd(x, kernel, strides):
     return _shifted_depthwise(x, kernel, strides), (x, kernel)
 
 
+def _batch_folded(products, groups: int = 8):
+    """``products`` (N, H, W, C) summed down to N/g images by adding its g interleaved batch
+    slices, g the largest divisor of N up to ``groups``. The additions fuse with the window
+    slice that feeds them; a reduction straight over the slice first copies it whole (the
+    depthwise kernel gradient then ran 1.6-2.4x slower)."""
+    n = products.shape[0]
+    g = max(d for d in range(1, min(groups, n) + 1) if n % d == 0)
+    return functools.reduce(operator.add, (products[i::g] for i in range(g)))
+
+
 def _shifted_depthwise_bwd(strides, saved, dy):
     """Both gradients as shifted sums too: the input's is the flipped kernel run over the
     zero-dilated, padded output gradient (one fused pass, where autodiff of the slices gives
@@ -184,16 +194,6 @@ def _shifted_depthwise_bwd(strides, saved, dy):
         patch * flipped[i, j, :, 0]
         for (i, j), patch in _taps(dy_wide, kh, kw, 1, x.shape[1], x.shape[2])))
     return dx, dkernel.reshape(kernel.shape).astype(kernel.dtype)
-
-
-def _batch_folded(products, groups: int = 8):
-    """``products`` (N, H, W, C) summed down to N/g images by adding its g interleaved batch
-    slices, g the largest divisor of N up to ``groups``. The additions fuse with the window
-    slice that feeds them; a reduction straight over the slice first copies it whole (the
-    depthwise kernel gradient then ran 1.6-2.4x slower)."""
-    n = products.shape[0]
-    g = max(d for d in range(1, min(groups, n) + 1) if n % d == 0)
-    return functools.reduce(operator.add, (products[i::g] for i in range(g)))
 
 
 _shifted_depthwise.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
