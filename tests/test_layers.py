@@ -1,4 +1,10 @@
-"""The CPU convolutions (depthwise as shifted sums, hand-written gradients) against XLA's own."""
+"""The CPU convolutions (oneDNN's, depthwise as shifted sums, hand-written gradients) against
+XLA's own."""
+
+import os
+import platform
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +13,7 @@ import pytest
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from fracture_jax.models import layers
+from fracture_jax.models import layers, onednn
 
 CASES = [(13, 11, 3, 1, "SAME"), (13, 12, 3, 2, "SAME"), (14, 14, 5, 2, "SAME"),
          (9, 10, 5, 1, "VALID"), (16, 16, 3, 2, ((0, 1), (0, 1))), (17, 15, 5, 2, "VALID")]
@@ -37,6 +43,54 @@ def relative(a, b):
     return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
 
 
+@pytest.fixture
+def without_onednn(monkeypatch):
+    """The XLA paths, which CPUs without oneDNN's library take."""
+    monkeypatch.setattr(onednn, "available", lambda: False)
+
+
+def test_onednn_loads_where_its_wheel_exists():
+    """requirements.txt installs oneDNN's library on x86-64 Linux; elsewhere XLA's paths run."""
+    if sys.platform == "linux" and platform.machine() == "x86_64":
+        assert onednn.available()
+    code = "from fracture_jax.models import onednn; print(onednn.available())"
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "FRACTURE_JAX_ONEDNN": "0"})
+    assert off.stdout.strip() == "False"
+
+
+ONEDNN = [(13, 11, 3, 1, "SAME", 8, 5), (13, 12, 3, 2, "SAME", 8, 3),
+          (16, 15, 7, 2, "VALID", 3, 6), (16, 16, 3, 2, ((0, 1), (0, 1)), 4, 4),
+          (9, 10, 1, 1, "VALID", 6, 5), (9, 10, 1, 2, "VALID", 6, 5)]
+
+
+@pytest.mark.parametrize("h,w,k,strides,padding,cin,cout", ONEDNN)
+def test_onednn_value_and_gradients_match_xla(h, w, k, strides, padding, cin, cout):
+    """oneDNN computes the value (and a larger kernel's gradients) inside the XLA program."""
+    if not onednn.available():
+        pytest.skip("oneDNN's library is installed on x86-64 Linux only")
+    rng = np.random.default_rng(k * 100 + h)
+    x = jnp.asarray(rng.standard_normal((3, h, w, cin)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((k, k, cin, cout)), jnp.float32)
+    grad = jax.jit(jax.grad(loss(layers.conv2d, strides, padding), (0, 1)))
+    calls = str(jax.make_jaxpr(grad)(x, kernel)).count("ffi_call")
+    assert calls == (1 if k == 1 else 3)  # a 1x1 kernel's gradients are matmuls
+    assert relative(jax.jit(layers.conv2d, static_argnums=(2, 3))(x, kernel, strides, padding),
+                    xla_conv(x, kernel, strides, padding)) < 1e-6
+    want = jax.grad(loss(xla_conv, strides, padding), (0, 1))(x, kernel)
+    for g, r in zip(grad(x, kernel), want):
+        assert g.shape == r.shape and relative(g, r) < 1e-5
+
+
+def test_onednn_failure_reaches_the_caller():
+    """An error inside the custom call is raised by XLA with oneDNN's message, not swallowed."""
+    if not onednn.available():
+        pytest.skip("oneDNN's library is installed on x86-64 Linux only")
+    bad = jax.ffi.ffi_call(onednn._TARGET, jax.ShapeDtypeStruct((2,), jnp.float32))
+    with pytest.raises(Exception, match="oneDNN"):
+        jax.block_until_ready(jax.jit(lambda x: bad(x, plan=np.int64(10**9)))(jnp.ones(2)))
+
+
 @pytest.mark.parametrize("h,w,k,strides,padding", CASES)
 def test_depthwise_value_and_gradients_match_xla(h, w, k, strides, padding):
     assert jax.default_backend() == "cpu"  # where the shifted-sum path runs
@@ -53,6 +107,7 @@ def test_depthwise_value_and_gradients_match_xla(h, w, k, strides, padding):
         assert g.shape == r.shape and relative(g, r) < 1e-5
 
 
+@pytest.mark.usefixtures("without_onednn")
 @pytest.mark.parametrize("h,w,k,strides,padding,cout", DENSE)
 def test_dense_value_and_gradients_match_xla(h, w, k, strides, padding, cout):
     rng = np.random.default_rng(k * 100 + h)
@@ -69,12 +124,18 @@ def test_dense_value_and_gradients_match_xla(h, w, k, strides, padding, cout):
         assert g.shape == r.shape and relative(g, r) < 1e-5
 
 
-@pytest.mark.parametrize("conv,reference,kernel_shape", [
-    (layers.depthwise_conv2d, xla_depthwise, (3, 3, 3, 1)),
-    (layers.conv2d, xla_conv, (3, 3, layers._MATMUL_GRADIENT_MIN_CHANNELS, 5))])
-def test_kernel_gradient_sums_over_devices(conv, reference, kernel_shape):
+@pytest.mark.parametrize("conv,reference,kernel_shape,with_onednn", [
+    (layers.depthwise_conv2d, xla_depthwise, (3, 3, 3, 1), False),
+    (layers.conv2d, xla_conv, (3, 3, layers._MATMUL_GRADIENT_MIN_CHANNELS, 5), False),
+    (layers.conv2d, xla_conv, (3, 3, 4, 5), True)])
+def test_kernel_gradient_sums_over_devices(conv, reference, kernel_shape, with_onednn,
+                                           monkeypatch):
     """Inside shard_map the replicated kernel's gradient is the sum of every device's share,
-    as JAX gives it for its own convolution."""
+    as JAX gives it for its own convolution (oneDNN's runs on every device at once)."""
+    if with_onednn and not onednn.available():
+        pytest.skip("oneDNN's library is installed on x86-64 Linux only")
+    if not with_onednn:
+        monkeypatch.setattr(onednn, "available", lambda: False)
     mesh = jax.make_mesh((jax.device_count(),), ("batch",))
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2 * jax.device_count(), 9, 9, kernel_shape[2])),
@@ -92,6 +153,7 @@ def test_kernel_gradient_sums_over_devices(conv, reference, kernel_shape):
     assert relative(grads(reference), whole) < 1e-5
 
 
+@pytest.mark.usefixtures("without_onednn")
 @pytest.mark.parametrize("strides", [1, 2])
 def test_pointwise_value_and_gradients_match_xla(strides):
     """1x1 convolutions run as 2-D matmuls over the pixels, gradients included: the 4-D
@@ -109,6 +171,7 @@ def test_pointwise_value_and_gradients_match_xla(strides):
         assert g.shape == r.shape and relative(g, r) < 1e-5
 
 
+@pytest.mark.usefixtures("without_onednn")
 @pytest.mark.parametrize("cin,strides,custom", [(3, 1, False), (3, 2, True)])
 def test_dense_gradient_path_choice(cin, strides, custom):
     """Few input channels keep XLA's kernel gradient, unless the kernel is strided (from
