@@ -12,6 +12,7 @@ import ctypes
 import functools
 import logging
 import os
+import site
 import sys
 import threading
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 
 _TARGET = "fracture_jax_onednn"
 _F32, _FORMAT_ANY, _CPU, _IN_ORDER, _DIRECT = 3, 1, 1, 1, 1
-_FORWARD, _FORWARD_TRAINING, _BACKWARD_DATA, _BACKWARD_WEIGHTS = 96, 64, 160, 192
+_FORWARD, _FORWARD_TRAINING = 96, 64
 _SRC, _DST, _WEIGHTS, _DIFF_SRC, _DIFF_DST, _DIFF_WEIGHTS = 1, 17, 33, 129, 145, 161
 _QUERY_WEIGHTS_MD, _QUERY_DIFF_WEIGHTS_MD = 131, 132
 _P = ctypes.c_void_p
@@ -91,7 +92,7 @@ class _CallFrame(ctypes.Structure):
 def _library_paths():
     if os.environ.get("FRACTURE_JAX_ONEDNN_LIB"):
         yield os.environ["FRACTURE_JAX_ONEDNN_LIB"]
-    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix, "/usr/local", "/usr")):
+    for prefix in dict.fromkeys((sys.prefix, site.getuserbase(), sys.base_prefix, "/usr")):
         yield str(Path(prefix) / "lib" / "libdnnl.so.3")
     yield "libdnnl.so.3"
 
@@ -155,7 +156,7 @@ def _dnnl():
     for path in _library_paths():
         try:
             dnnl = _Dnnl(ctypes.CDLL(path))
-        except (OSError, RuntimeError):
+        except (OSError, AttributeError, RuntimeError):  # absent, or not oneDNN 3
             continue
         jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(_handler), platform="cpu")
         logging.info("oneDNN convolutions from %s", path)
