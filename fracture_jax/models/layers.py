@@ -39,9 +39,10 @@ def _freeze(x, frozen: bool):
 
 
 def conv2d(x, kernel, strides: int, padding: Pad):
-    """A dense convolution; 1x1 kernels run as a 2-D matmul over the pixels (its gradients are
-    matmuls too). On CPU a larger kernel's gradient is computed as matmuls (``_cpu_conv``) when
-    it has many input channels or a stride."""
+    """A dense convolution. On CPU in float32 with oneDNN's library: oneDNN's (``_onednn_conv``).
+    Otherwise 1x1 kernels run as a 2-D matmul over the pixels (its gradients are matmuls too),
+    and on CPU a larger kernel's gradient is computed as matmuls (``_cpu_conv``) when it has
+    many input channels or a stride."""
     kh, kw, cin, cout = kernel.shape
     if _onednn_runs(x, kernel):
         return _onednn_conv(x, _varying_like(kernel, x), strides,
