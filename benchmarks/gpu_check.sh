@@ -12,7 +12,7 @@
 # 2-23 s. Compiling in parallel processes did not pay: 8 at once, beside the parity tests,
 # compiled 12 of 18 programs in 276 s, and the parity tests did not finish (the cause was not
 # isolated; XLA's autotuning times its candidate kernels on the one GPU). So the parts run one
-# after the other, each time-boxed (15 s install, then 150 + 270 + 60 s); each record is
+# after the other, each time-boxed (after the install: 150 + 270 + 60 s); each record is
 # written as soon as it is measured, and the programs go to a persistent compilation cache, so
 # a second call on the same machine skips what the first one compiled.
 #

@@ -128,14 +128,13 @@ def test_dense_value_and_gradients_match_xla(h, w, k, strides, padding, cout):
     (layers.depthwise_conv2d, xla_depthwise, (3, 3, 3, 1), False),
     (layers.conv2d, xla_conv, (3, 3, layers._MATMUL_GRADIENT_MIN_CHANNELS, 5), False),
     (layers.conv2d, xla_conv, (3, 3, 4, 5), True)])
-def test_kernel_gradient_sums_over_devices(conv, reference, kernel_shape, with_onednn,
-                                           monkeypatch):
+def test_kernel_gradient_sums_over_devices(conv, reference, kernel_shape, with_onednn, request):
     """Inside shard_map the replicated kernel's gradient is the sum of every device's share,
     as JAX gives it for its own convolution (oneDNN's runs on every device at once)."""
     if with_onednn and not onednn.available():
         pytest.skip("oneDNN's library is installed on x86-64 Linux only")
     if not with_onednn:
-        monkeypatch.setattr(onednn, "available", lambda: False)
+        request.getfixturevalue("without_onednn")
     mesh = jax.make_mesh((jax.device_count(),), ("batch",))
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2 * jax.device_count(), 9, 9, kernel_shape[2])),

@@ -209,8 +209,8 @@ class _Convolution:
 
     def __init__(self, x_shape, kernel_shape, strides: int, padding: tuple):
         self.dnnl = dnnl = _dnnl()
-        self.y_shape = _out_shape(x_shape, kernel_shape, strides, padding)
-        self.src, self.dst = _nhwc(dnnl, x_shape), _nhwc(dnnl, self.y_shape)
+        self.src = _nhwc(dnnl, x_shape)
+        self.dst = _nhwc(dnnl, _out_shape(x_shape, kernel_shape, strides, padding))
         self.kernel = _hwio(dnnl, kernel_shape)
         kh, kw, cin, cout = kernel_shape
         self.any_kernel = dnnl.desc([cout, cin, kh, kw])
@@ -223,19 +223,10 @@ class _Convolution:
                                 self.dnnl.engine, prop, _DIRECT, self.src, self.any_kernel, None,
                                 self.dst, *self.geometry, None)
 
-    def blocked(self, pd, query):
-        """The primitive ``pd``'s kernel layout, its size in float32s, and a function that
-        copies an HWIO kernel into a fresh buffer in that layout."""
+    def kernel_layout(self, pd, query):
+        """The primitive ``pd``'s kernel layout and its size in float32s."""
         desc = _P(self.dnnl.lib.dnnl_primitive_desc_query_md(pd, query, 0))
-        size = self.dnnl.lib.dnnl_memory_desc_get_size(desc) // 4
-        reorder = self.dnnl.reorder(self.kernel, desc)
-
-        def copy_in(address: int):
-            buffer = np.empty(size, np.float32)
-            self.dnnl.execute(reorder, {_SRC: (self.kernel, address),
-                                        _DST: (desc, buffer.ctypes.data)})
-            return buffer
-        return desc, size, copy_in
+        return desc, self.dnnl.lib.dnnl_memory_desc_get_size(desc) // 4
 
 
 def _plan(build):
@@ -247,16 +238,25 @@ def _plan(build):
     return index
 
 
+def _with_kernel(c: _Convolution, pd, source: tuple, result: tuple):
+    """A plan for primitive ``pd`` that reads an activation and the HWIO kernel (copied into
+    the primitive's layout) and writes an activation: ``source``/``result`` are (argument,
+    descriptor) pairs."""
+    conv, (desc, size) = c.dnnl.primitive(pd), c.kernel_layout(pd, _QUERY_WEIGHTS_MD)
+    into = c.dnnl.reorder(c.kernel, desc)
+
+    def run(args, rets):  # activation, kernel -> activation
+        kernel = np.empty(size, np.float32)
+        c.dnnl.execute(into, {_SRC: (c.kernel, args[1]), _DST: (desc, kernel.ctypes.data)})
+        c.dnnl.execute(conv, {source[0]: (source[1], args[0]),
+                              _WEIGHTS: (desc, kernel.ctypes.data),
+                              result[0]: (result[1], rets[0])})
+    return run
+
+
 @_plan
 def _forward_plan(c: _Convolution):
-    pd = c.forward_pd(_FORWARD)
-    conv, (desc, _, copy_in) = c.dnnl.primitive(pd), c.blocked(pd, _QUERY_WEIGHTS_MD)
-
-    def run(args, rets):  # x, kernel -> y
-        kernel = copy_in(args[1])
-        c.dnnl.execute(conv, {_SRC: (c.src, args[0]), _WEIGHTS: (desc, kernel.ctypes.data),
-                              _DST: (c.dst, rets[0])})
-    return run
+    return _with_kernel(c, c.forward_pd(_FORWARD), (_SRC, c.src), (_DST, c.dst))
 
 
 @_plan
@@ -264,13 +264,7 @@ def _input_gradient_plan(c: _Convolution):
     pd = c.dnnl.create(c.dnnl.lib.dnnl_convolution_backward_data_primitive_desc_create,
                        c.dnnl.engine, _DIRECT, c.src, c.any_kernel, c.dst, *c.geometry,
                        c.forward_pd(_FORWARD_TRAINING), None)
-    conv, (desc, _, copy_in) = c.dnnl.primitive(pd), c.blocked(pd, _QUERY_WEIGHTS_MD)
-
-    def run(args, rets):  # dy, kernel -> dx
-        kernel = copy_in(args[1])
-        c.dnnl.execute(conv, {_DIFF_DST: (c.dst, args[0]), _WEIGHTS: (desc, kernel.ctypes.data),
-                              _DIFF_SRC: (c.src, rets[0])})
-    return run
+    return _with_kernel(c, pd, (_DIFF_DST, c.dst), (_DIFF_SRC, c.src))
 
 
 @_plan
@@ -278,7 +272,7 @@ def _kernel_gradient_plan(c: _Convolution):
     pd = c.dnnl.create(c.dnnl.lib.dnnl_convolution_backward_weights_primitive_desc_create,
                        c.dnnl.engine, _DIRECT, c.src, c.any_kernel, None, c.dst, *c.geometry,
                        c.forward_pd(_FORWARD_TRAINING), None)
-    conv, (desc, size, _) = c.dnnl.primitive(pd), c.blocked(pd, _QUERY_DIFF_WEIGHTS_MD)
+    conv, (desc, size) = c.dnnl.primitive(pd), c.kernel_layout(pd, _QUERY_DIFF_WEIGHTS_MD)
     to_hwio = c.dnnl.reorder(desc, c.kernel)
 
     def run(args, rets):  # x, dy -> dkernel
