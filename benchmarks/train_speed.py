@@ -115,7 +115,8 @@ def bench(name, mode, size, batch, steps, dtype):
     med = float(np.median(times))
     return {"framework": "fracture_jax", "model": name, "mode": mode, "image_size": size,
             "batch": batch, "dtype": dtype, "img_per_s_median": batch / med,
-            "step_s_median": med, "compile_s": compile_s, "steps": steps,
+            "step_s_median": med, "step_s": [round(t, 3) for t in times],
+            "compile_s": compile_s, "steps": steps,
             "step_gflop": flops / 1e9 if flops else None,
             "achieved_tflop_s": flops / med / 1e12 if flops else None,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

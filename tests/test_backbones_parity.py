@@ -6,6 +6,7 @@ import pytest
 from conftest import images_at
 from keras_reference import keras_features, keras_model, randomise, save_legacy_h5
 
+from fracture_jax.models import backbone_layers
 from fracture_jax.models.efficientnet import IMAGENET_MEAN_RGB, IMAGENET_STDDEV_RGB
 from fracture_jax.weights import load_keras_backbone
 
@@ -59,3 +60,13 @@ def test_published_efficientnet_file_reproduces_keras_imagenet_path(xray_batch, 
     module, _ = load_keras_backbone("efficientnetb2", path)
     assert module.imagenet_rescaling
     assert rel_err(ours("efficientnetb2", path, images), expected) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["efficientnetb2", "resnet50", "vgg16"])
+def test_layer_order_is_keras(name):
+    """The layers ``frozen`` counts come in Keras' order, whatever order the fused epilogues
+    call them in (a BatchNorm's affine is read before its convolution runs)."""
+    import keras
+    keras.backend.clear_session()  # Keras numbers unnamed layers per session: "normalization"
+    expected = [layer.name for layer in keras_model(name, 64).layers if layer.weights]
+    assert list(backbone_layers(name, 64)) == expected

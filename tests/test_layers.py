@@ -184,3 +184,133 @@ def test_dense_gradient_path_choice(cin, strides, custom):
     want = jax.grad(loss(xla_conv, strides, "SAME"), (0, 1))(x, kernel)
     for g, r in zip(got, want):
         assert relative(g, r) < 1e-5
+
+
+def epilogue_operands(rng, out_shape):
+    """A bias, an inference BatchNorm's scale and shift, and a residual for ``out_shape``."""
+    c = out_shape[-1]
+    return tuple(jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (c, c, c, out_shape))
+
+
+def epilogue(bias, scale, shift, residual):
+    return (("add", bias), ("mul", scale), ("add", shift), ("add", residual), ("relu", None))
+
+
+@pytest.mark.parametrize("k,strides", [(3, 1), (3, 2), (1, 1)])
+def test_onednn_epilogue_matches_xla_with_gradients(k, strides):
+    """A bias, a BatchNorm's affine, a residual and a ReLU run inside oneDNN's call (one
+    custom call, no separate pass); value and every gradient match the operations one by one."""
+    if not onednn.available():
+        pytest.skip("oneDNN's library is installed on x86-64 Linux only")
+    rng = np.random.default_rng(k + strides)
+    x = jnp.asarray(rng.standard_normal((2, 9, 9, 6)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((k, k, 6, 5)) * 0.3, jnp.float32)
+    operands = epilogue_operands(rng, xla_conv(x, kernel, strides, "SAME").shape)
+
+    def fused(x, kernel, *operands):
+        return layers.conv2d(x, kernel, strides, "SAME", epilogue(*operands))
+
+    def reference(x, kernel, bias, scale, shift, residual):
+        return jax.nn.relu((xla_conv(x, kernel, strides, "SAME") + bias) * scale + shift
+                           + residual)
+
+    jaxpr = jax.make_jaxpr(fused)(x, kernel, *operands)
+    assert [e.primitive.name for e in jaxpr.eqns] == ["custom_vjp_call"]
+    assert str(jaxpr).count("ffi_call") == 1 and "max" not in str(jaxpr)
+    assert relative(jax.jit(fused)(x, kernel, *operands), reference(x, kernel, *operands)) < 1e-6
+    positions = tuple(range(6))
+    got = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(fused(*a))), positions))(x, kernel,
+                                                                                *operands)
+    want = jax.grad(lambda *a: jnp.sum(jnp.sin(reference(*a))), positions)(x, kernel, *operands)
+    for g, r in zip(got, want):
+        assert g.shape == r.shape and relative(g, r) < 1e-5
+
+
+@pytest.mark.parametrize("with_onednn", [True, False])
+def test_epilogue_gradients_sum_over_devices(with_onednn, request):
+    """The bias's and the BatchNorm's per-channel gradients sum over the devices too."""
+    if with_onednn and not onednn.available():
+        pytest.skip("oneDNN's library is installed on x86-64 Linux only")
+    if not with_onednn:
+        request.getfixturevalue("without_onednn")
+    mesh = jax.make_mesh((jax.device_count(),), ("batch",))
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2 * jax.device_count(), 9, 9, 4)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 4, 5)) * 0.3, jnp.float32)
+    bias, scale, shift, _ = epilogue_operands(rng, (1, 9, 9, 5))
+
+    def loss(x, kernel, bias, scale, shift):
+        steps = (("add", bias), ("mul", scale), ("add", shift), ("relu", None))
+        return jnp.sum(jnp.sin(layers.conv2d(x, kernel, 1, "SAME", steps)))
+
+    per_device = jax.grad(loss, (1, 2, 3, 4))
+    sharded = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P("batch"),) + (P(),) * 4,
+                                    out_specs=P()))
+    got = sharded(jax.device_put(x, jax.NamedSharding(mesh, P("batch"))), kernel, bias, scale,
+                  shift)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(onednn, "available", lambda: False)
+        want = jax.grad(loss, (1, 2, 3, 4))(x, kernel, bias, scale, shift)
+    for g, r in zip(got, want):
+        assert relative(g, r) < 1e-5
+
+
+def test_epilogue_relu_only_last():
+    x, kernel = jnp.ones((1, 4, 4, 2)), jnp.ones((1, 1, 2, 2))
+    with pytest.raises(ValueError, match="ReLU can only end"):
+        layers.conv2d(x, kernel, 1, "VALID", (("relu", None), ("add", jnp.ones(2))))
+
+
+class ConvBN(layers.nn.Module):
+    residual: bool = False
+
+    @layers.nn.compact
+    def __call__(self, x, train: bool = False):
+        conv = layers.Conv2D(5, 3, padding="SAME", name="conv")
+        bn = layers.BatchNormalization(name="bn")
+        return layers.conv_bn(conv, bn, x, train, residual=x[..., :1] if self.residual else None,
+                              relu=True)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_conv_bn_folds_inference_batchnorm(residual):
+    """In inference mode the BatchNorm's affine runs in the convolution's epilogue and gives
+    the result of the layers one after the other; in training mode it uses batch moments."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 3)), jnp.float32)
+    module = ConvBN(residual)
+    variables = module.init(jax.random.key(0), x)
+    stats = {k: jnp.asarray(rng.uniform(0.5, 2.0, v.shape), jnp.float32)
+             for k, v in variables["batch_stats"]["bn"].items()}
+    params = jax.tree.map(lambda v: jnp.asarray(rng.standard_normal(v.shape), jnp.float32),
+                          variables["params"])
+    variables = {"params": params, "batch_stats": {"bn": stats}}
+
+    def one_by_one(v, x):
+        conv = layers.Conv2D(5, 3, padding="SAME").apply({"params": v["params"]["conv"]}, x)
+        y = layers.BatchNormalization().apply({"params": v["params"]["bn"],
+                                               "batch_stats": v["batch_stats"]["bn"]}, conv)
+        return jax.nn.relu(y + x[..., :1] if residual else y)
+
+    assert relative(jax.jit(module.apply)(variables, x), one_by_one(variables, x)) < 1e-6
+    train, _ = module.apply(variables, x, True, mutable=["batch_stats"])
+    moments = jax.nn.relu(jax.nn.standardize(
+        layers.Conv2D(5, 3, padding="SAME").apply({"params": params["conv"]}, x),
+        axis=(0, 1, 2), epsilon=1e-3) * params["bn"]["gamma"] + params["bn"]["beta"]
+        + (x[..., :1] if residual else 0.0))
+    assert relative(train, moments) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 9, 7, 4), (1, 65, 65, 2)])
+def test_tiled_max_pool_matches_reduce_window(shape):
+    """VGG16's 2x2 pools: value, and the gradient to each window's first maximum, exactly as
+    XLA's reduce_window and select_and_scatter give them (ties included)."""
+    rng = np.random.default_rng(shape[1])
+    x = jnp.asarray(rng.integers(0, 3, shape), jnp.float32)  # many ties
+    reference = lambda x: lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
+                                            "VALID")
+    want, want_vjp = jax.vjp(reference, x)
+    got, got_vjp = jax.vjp(jax.jit(lambda x: layers.max_pool(x, 2, 2)), x)
+    dy = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
+    assert "reduce_window" not in str(jax.make_jaxpr(lambda x: layers.max_pool(x, 2, 2))(x))
+    assert (got == want).all() and (got_vjp(dy)[0] == want_vjp(dy)[0]).all()

@@ -43,15 +43,7 @@ class FractureClassifier(nn.Module):
 
 def backbone_layers(model: str, image_size: int = 32) -> tuple[str, ...]:
     """The backbone's layers with weights, in Keras' order (the order ``frozen`` counts in)."""
-    names = []
-
-    def record(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and isinstance(context.module, L.KERAS_LAYERS):
-            if context.module.name not in names:
-                names.append(context.module.name)
-        return next_fun(*args, **kwargs)
-
     module = FractureClassifier(model=model, include_head=False)
-    with nn.intercept_methods(record):
+    with L.layers_built() as names:
         jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
     return tuple(names)

@@ -34,26 +34,70 @@ def portable():
 Pad = str | Sequence[tuple[int, int]]
 
 
+_BUILT = contextvars.ContextVar("built", default=None)
+
+
+@contextlib.contextmanager
+def layers_built():
+    """The names of the layers with weights built meanwhile, in the order they were built.
+
+    Models build their layers in Keras' order (the order ``frozen`` counts in); they may call
+    them in another: a convolution with a BatchNorm in its epilogue calls the BatchNorm first.
+    """
+    token = _BUILT.set(names := [])
+    try:
+        yield names
+    finally:
+        _BUILT.reset(token)
+
+
+class _KerasLayer(nn.Module):
+    """A layer with Keras' variables: it records its name in ``layers_built``."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        names = _BUILT.get()
+        if names is not None and self.name not in names:
+            names.append(self.name)
+
+
 def _freeze(x, frozen: bool):
     return lax.stop_gradient(x) if frozen else x
 
 
-def conv2d(x, kernel, strides: int, padding: Pad):
-    """A dense convolution. On CPU in float32 with oneDNN's library: oneDNN's (``_onednn_conv``).
-    Otherwise 1x1 kernels run as a 2-D matmul over the pixels (its gradients are matmuls too),
-    and on CPU a larger kernel's gradient is computed as matmuls (``_cpu_conv``) when it has
-    many input channels or a stride."""
+Epilogue = Sequence[tuple[str, jax.Array | None]]
+
+
+def apply_epilogue(y, epilogue: Epilogue):
+    """``epilogue``'s steps on ``y`` in order: ("add", v), ("mul", v), ("relu", None)."""
+    for op, v in epilogue:
+        y = relu(y) if op == "relu" else y + v if op == "add" else y * v
+    return y
+
+
+def conv2d(x, kernel, strides: int, padding: Pad, epilogue: Epilogue = ()):
+    """A dense convolution, then ``apply_epilogue`` (its operands of shape (C,) or the
+    output's; a ReLU only last). On CPU in float32 with oneDNN's library: oneDNN's, the epilogue
+    inside the same call (``_onednn_conv``). Otherwise 1x1 kernels run as a 2-D matmul over the
+    pixels (its gradients are matmuls too), and on CPU a larger kernel's gradient is computed
+    as matmuls (``_cpu_conv``) when it has many input channels or a stride."""
     kh, kw, cin, cout = kernel.shape
+    ops = tuple(op for op, _ in epilogue)
+    if "relu" in ops[:-1]:
+        raise ValueError(f"conv2d: a ReLU can only end the epilogue, not {ops}")
     if _onednn_runs(x, kernel):
-        return _onednn_conv(x, _varying_like(kernel, x), strides,
-                            _explicit(padding, x.shape, kh, kw, strides))
+        operands = tuple(_varying_like(v, x) for _, v in epilogue if v is not None)
+        return _onednn_conv(x, _varying_like(kernel, x), operands, strides,
+                            _explicit(padding, x.shape, kh, kw, strides), ops)
     if kh == kw == 1:
-        return _pointwise(x, kernel, strides)
-    few_channels = cin < _MATMUL_GRADIENT_MIN_CHANNELS and strides == 1
-    if jax.default_backend() != "cpu" or _PORTABLE.get() or few_channels:
-        return _xla_conv(x, kernel, strides, padding)
-    return _cpu_conv(x, _varying_like(kernel, x), strides, _explicit(padding, x.shape, kh, kw,
-                                                                     strides))
+        y = _pointwise(x, kernel, strides)
+    elif (jax.default_backend() != "cpu" or _PORTABLE.get()
+          or cin < _MATMUL_GRADIENT_MIN_CHANNELS and strides == 1):
+        y = _xla_conv(x, kernel, strides, padding)
+    else:
+        y = _cpu_conv(x, _varying_like(kernel, x), strides,
+                      _explicit(padding, x.shape, kh, kw, strides))
+    return apply_epilogue(y, epilogue)
 
 
 def _onednn_runs(x, kernel) -> bool:
@@ -61,27 +105,58 @@ def _onednn_runs(x, kernel) -> bool:
             and kernel.dtype == jnp.float32 and onednn.available())
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _onednn_conv(x, kernel, strides: int, padding: tuple):
-    """oneDNN's convolution (``models/onednn.py``). The gradients of a kernel larger than 1x1
-    are oneDNN's too; a 1x1 kernel's are the 2-D matmuls of ``_pointwise`` (with oneDNN's 1x1
-    input gradient EfficientNetB2's full step ran at 4.95 images/s, with the matmuls at 7.95)."""
-    return _varying_like(onednn.forward(x, kernel, strides, padding), x)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _onednn_conv(x, kernel, operands: tuple, strides: int, padding: tuple, ops: tuple):
+    """oneDNN's convolution (``models/onednn.py``) and epilogue ``ops`` on ``operands``. The
+    gradients of a kernel larger than 1x1 are oneDNN's too; a 1x1 kernel's are the 2-D matmuls
+    of ``_pointwise`` (with oneDNN's 1x1 input gradient EfficientNetB2's full step ran at 4.95
+    images/s, with the matmuls at 7.95)."""
+    steps = iter(operands)
+    epilogue = tuple((op, None if op == "relu" else next(steps)) for op in ops)
+    return _varying_like(onednn.forward(x, kernel, strides, padding, epilogue), x)
 
 
-def _onednn_conv_fwd(x, kernel, strides, padding):
-    return _onednn_conv(x, kernel, strides, padding), (x, kernel)
+def _onednn_conv_fwd(x, kernel, operands, strides, padding, ops):
+    y = _onednn_conv(x, kernel, operands, strides, padding, ops)
+    return y, (x, kernel, operands, y if ops[-1:] == ("relu",) else None)
 
 
-def _onednn_conv_bwd(strides, padding, saved, dy):
-    x, kernel = saved
+def _onednn_conv_bwd(strides, padding, ops, saved, dy):
+    x, kernel, operands, y = saved
+    dz, doperands = _epilogue_gradients(ops, operands, y, dy,
+                                        lambda: onednn.forward(x, kernel, strides, padding))
     if kernel.shape[:2] == (1, 1):
-        return jax.vjp(lambda x, kernel: _pointwise(x, kernel, strides), x, kernel)[1](dy)
-    return (_varying_like(onednn.input_gradient(dy, kernel, x.shape, strides, padding), x),
-            _varying_like(onednn.kernel_gradient(x, dy, kernel.shape, strides, padding), kernel))
+        dx, dkernel = jax.vjp(lambda x, kernel: _pointwise(x, kernel, strides), x, kernel)[1](dz)
+    else:
+        dx = _varying_like(onednn.input_gradient(dz, kernel, x.shape, strides, padding), x)
+        dkernel = _varying_like(onednn.kernel_gradient(x, dz, kernel.shape, strides, padding),
+                                kernel)
+    return dx, dkernel, doperands
 
 
 _onednn_conv.defvjp(_onednn_conv_fwd, _onednn_conv_bwd)
+
+
+def _epilogue_gradients(ops: tuple, operands: tuple, y, dy, convolution):
+    """The gradients of ``apply_epilogue`` with respect to its input and its operands, from
+    its output ``y``: a final ReLU's mask is ``y > 0``; a product's operand needs the value
+    before the product, recomputed from ``convolution()`` (XLA drops that where unused)."""
+    g = jnp.where(y > 0, dy, 0.0) if ops[-1:] == ("relu",) else dy
+    arithmetic = [op for op in ops if op != "relu"]
+    grads = list(operands)
+    for i in reversed(range(len(arithmetic))):
+        v = operands[i]
+        if arithmetic[i] == "add":
+            grads[i] = _sum_to(g, v.shape)
+        else:
+            before = apply_epilogue(convolution(), tuple(zip(arithmetic[:i], operands[:i])))
+            grads[i], g = _sum_to(g * before, v.shape), g * v
+    return g, tuple(_varying_like(d, v) for d, v in zip(grads, operands))
+
+
+def _sum_to(g, shape):
+    """``g`` summed down to a per-channel ``shape`` (C,), or ``g`` itself."""
+    return g if g.shape == tuple(shape) else jnp.sum(g, axis=(0, 1, 2))
 
 
 def _pointwise(x, kernel, strides: int):
@@ -238,28 +313,37 @@ def _shifted_depthwise_bwd(strides, saved, dy):
 _shifted_depthwise.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
 
 
-class Conv2D(nn.Module):
-    """``keras.layers.Conv2D``: kernel (kh, kw, in, out) and optional bias."""
+class Conv2D(_KerasLayer):
+    """``keras.layers.Conv2D``: kernel (kh, kw, in, out), optional bias, and activation None or
+    "relu". Called with an ``epilogue``, the convolution applies it after those (``conv2d``)."""
 
     features: int
     kernel_size: int
     strides: int = 1
     padding: Pad = "VALID"
     use_bias: bool = True
+    activation: str | None = None
     frozen: bool = False
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, epilogue: Epilogue = ()):
         k = self.kernel_size
         kernel = self.param("kernel", nn.initializers.he_normal(), (k, k, x.shape[-1], self.features))
-        y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.padding)
+        own = []
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
-        return _freeze(y, self.frozen)
+            bias = self.param("bias", nn.initializers.zeros, (self.features,))
+            own.append(("add", _freeze(bias.astype(self.dtype), self.frozen)))
+        if self.activation is not None:
+            own.append((self.activation, None))
+        # Frozen: no gradient reaches the input or the weights; an epilogue's operands (a
+        # residual, a trainable BatchNorm's affine) keep theirs.
+        return conv2d(_freeze(x.astype(self.dtype), self.frozen),
+                      _freeze(kernel.astype(self.dtype), self.frozen), self.strides,
+                      self.padding, (*own, *epilogue))
 
 
-class DepthwiseConv2D(nn.Module):
+class DepthwiseConv2D(_KerasLayer):
     """``keras.layers.DepthwiseConv2D`` (depth multiplier 1): kernel stored as (kh, kw, C, 1)."""
 
     kernel_size: int
@@ -278,7 +362,7 @@ class DepthwiseConv2D(nn.Module):
         return _freeze(y, self.frozen)
 
 
-class Dense(nn.Module):
+class Dense(_KerasLayer):
     """``keras.layers.Dense``: kernel (in, out) and bias."""
 
     features: int
@@ -293,7 +377,7 @@ class Dense(nn.Module):
         return _freeze(y, self.frozen)
 
 
-class BatchNormalization(nn.Module):
+class BatchNormalization(_KerasLayer):
     """``keras.layers.BatchNormalization`` over the last axis, Keras' formula and update rule.
 
     Inference computes ``x * inv + (beta - mean * inv)`` with ``inv = rsqrt(var + eps) * gamma``
@@ -308,13 +392,16 @@ class BatchNormalization(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, fold: bool = False):
+        """Normalise ``x``. With ``fold=True`` (and ``train`` False) return the inference affine
+        (scale, shift) for ``x``'s channels instead, for a convolution's epilogue (``conv_bn``):
+        ``x`` may then be a ``jax.ShapeDtypeStruct``."""
         c = x.shape[-1]
         gamma = self.param("gamma", nn.initializers.ones, (c,))
         beta = self.param("beta", nn.initializers.zeros, (c,))
         moving_mean = self.variable("batch_stats", "moving_mean", jnp.zeros, (c,), jnp.float32)
         moving_var = self.variable("batch_stats", "moving_variance", jnp.ones, (c,), jnp.float32)
-        if train and not self.frozen:
+        if self.uses_batch_moments(train):
             xf = x.astype(jnp.float32)
             axes = tuple(range(x.ndim - 1))
             mean = jnp.mean(xf, axes)
@@ -330,11 +417,17 @@ class BatchNormalization(nn.Module):
             mean, var = moving_mean.value, moving_var.value
         inv = lax.rsqrt(var + self.epsilon) * gamma
         res = -mean * inv + beta
+        if fold:
+            return _freeze(inv.astype(self.dtype), self.frozen), _freeze(res.astype(self.dtype),
+                                                                         self.frozen)
         y = x * inv.astype(self.dtype) + res.astype(self.dtype)
         return _freeze(y, self.frozen)
 
+    def uses_batch_moments(self, train: bool) -> bool:
+        return train and not self.frozen
 
-class Normalization(nn.Module):
+
+class Normalization(_KerasLayer):
     """``keras.layers.Normalization`` on the channel axis: ``(x - mean) / max(sqrt(var), 1e-7)``.
 
     Its statistics are constants of the data, not trained: they live in ``batch_stats``
@@ -350,6 +443,18 @@ class Normalization(nn.Module):
         return (x - mean) / jnp.maximum(jnp.sqrt(var), 1e-7)
 
 
+def conv_bn(conv: Conv2D, bn: BatchNormalization, x, train: bool, residual=None,
+            relu: bool = False):
+    """``bn(conv(x))``, plus ``residual``, then a ReLU (both optional). With the BatchNorm in
+    inference mode its affine, the residual and the ReLU are the convolution's epilogue: one
+    oneDNN call on CPU, no pass over memory each."""
+    tail = (*([] if residual is None else [("add", residual)]), *([("relu", None)] if relu else []))
+    if bn.uses_batch_moments(train):
+        return apply_epilogue(bn(conv(x), train), tail)
+    scale, shift = bn(jax.ShapeDtypeStruct((conv.features,), conv.dtype), fold=True)
+    return conv(x, (("mul", scale), ("add", shift), *tail))
+
+
 def zero_pad(x, pads: Sequence[tuple[int, int]]):
     """``keras.layers.ZeroPadding2D`` on NHWC."""
     return jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
@@ -363,9 +468,51 @@ def correct_pad(x, kernel_size: int):
 
 
 def max_pool(x, window: int, strides: int, padding: str = "VALID"):
-    """``keras.layers.MaxPooling2D`` on NHWC."""
+    """``keras.layers.MaxPooling2D`` on NHWC. On CPU, windows that tile the image (VGG16's)
+    take ``_tiled_max_pool``."""
+    if (window == strides and padding == "VALID" and jax.default_backend() == "cpu"
+            and not _PORTABLE.get()):
+        return _tiled_max_pool(x, window)
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1),
                              (1, strides, strides, 1), padding)
+
+
+def _tiles(x, k: int):
+    """``x`` (N, H, W, C) as (N, H/k, k, W/k, k, C) tiles (rows and columns past the last
+    whole tile dropped)."""
+    n, h, w, c = x.shape
+    return x[:, :h // k * k, :w // k * k].reshape(n, h // k, k, w // k, k, c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _tiled_max_pool(x, k: int):
+    """Max pooling over non-overlapping k x k tiles. Its gradient goes to each tile's first
+    maximum in row-major order, as XLA's ``select_and_scatter`` does, in one elementwise pass
+    (XLA's own, an iota and a scatter per pool, took 6% of VGG16's CPU train step)."""
+    return _tiles(x, k).max(axis=(2, 4))
+
+
+def _tiled_max_pool_fwd(x, k):
+    y = _tiled_max_pool(x, k)
+    return y, (x, y)
+
+
+def _tiled_max_pool_bwd(k, saved, dy):
+    x, y = saved
+    tiles, taken, rows = _tiles(x, k), jnp.zeros(y.shape, bool), []
+    for i in range(k):
+        row = []
+        for j in range(k):
+            first = (tiles[:, :, i, :, j] == y) & ~taken
+            taken = taken | first
+            row.append(jnp.where(first, dy, 0.0))
+        rows.append(jnp.stack(row, axis=3))
+    dx = jnp.stack(rows, axis=2).reshape(tiles.shape[0], -1, tiles.shape[3] * k, x.shape[-1])
+    pads = ((0, 0), (0, x.shape[1] - dx.shape[1]), (0, x.shape[2] - dx.shape[2]), (0, 0))
+    return (jnp.pad(dx.astype(dy.dtype), pads),)
+
+
+_tiled_max_pool.defvjp(_tiled_max_pool_fwd, _tiled_max_pool_bwd)
 
 
 def global_avg_pool(x):
@@ -377,4 +524,3 @@ swish = jax.nn.silu
 relu = jax.nn.relu
 
 
-KERAS_LAYERS = (Conv2D, DepthwiseConv2D, Dense, BatchNormalization, Normalization)

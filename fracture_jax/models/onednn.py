@@ -4,8 +4,11 @@ On a 2-core AVX-512 CPU, XLA's convolution ran VGG16's 3x3 layers at 130-176 GFL
 direct convolution (``brgconv``, the kernel TensorFlow runs) at 221-226. This module loads
 ``libdnnl`` (the ``onednn-cpu-gomp`` wheel), builds the oneDNN primitives of each convolution
 shape when a program is traced, and registers one FFI handler that runs them on XLA's own
-buffers, with no copies. Without the library ``available()`` is False and callers keep XLA's
-convolution. Layouts: NHWC activations, HWIO kernels, float32.
+buffers, with no copies. A forward convolution can end in an epilogue of per-channel or
+elementwise additions and products and a ReLU (oneDNN's post-ops), so that a bias, an inference
+BatchNorm, a residual and the activation cost no extra pass over memory. Without the library
+``available()`` is False and callers keep XLA's convolution. Layouts: NHWC activations, HWIO
+kernels, float32.
 """
 
 import ctypes
@@ -26,6 +29,9 @@ _F32, _FORMAT_ANY, _CPU, _IN_ORDER, _DIRECT = 3, 1, 1, 1, 1
 _FORWARD, _FORWARD_TRAINING = 96, 64
 _SRC, _DST, _WEIGHTS, _DIFF_SRC, _DIFF_DST, _DIFF_WEIGHTS = 1, 17, 33, 129, 145, 161
 _QUERY_WEIGHTS_MD, _QUERY_DIFF_WEIGHTS_MD = 131, 132
+_ELTWISE = {"relu": 0x20}
+_BINARY = {"add": 0x1FFF0, "mul": 0x1FFF1}
+_POST_OP_SRC_1 = 32768  # DNNL_ARG_ATTR_MULTIPLE_POST_OP(i) | DNNL_ARG_SRC_1 = 32768 * (i + 1) | 2
 _P = ctypes.c_void_p
 _Dims = ctypes.c_int64 * 12
 
@@ -218,10 +224,28 @@ class _Convolution:
         self.geometry = (_Dims(strides, strides), _Dims(0, 0), _Dims(top, left),
                          _Dims(bottom, right))
 
-    def forward_pd(self, prop):
+    def forward_pd(self, prop, attr=None):
         return self.dnnl.create(self.dnnl.lib.dnnl_convolution_forward_primitive_desc_create,
                                 self.dnnl.engine, prop, _DIRECT, self.src, self.any_kernel, None,
-                                self.dst, *self.geometry, None)
+                                self.dst, *self.geometry, attr)
+
+    def post_ops(self, epilogue: tuple):
+        """oneDNN's attribute for ``epilogue`` ((op, operand shape or None), ...), and the
+        (argument, descriptor) of each operand."""
+        dnnl, lib = self.dnnl, self.dnnl.lib
+        post_ops, operands = dnnl.create(lib.dnnl_post_ops_create), []
+        for i, (op, shape) in enumerate(epilogue):
+            if op in _ELTWISE:
+                status = lib.dnnl_post_ops_append_eltwise(post_ops, _ELTWISE[op], ctypes.c_float(0),
+                                                          ctypes.c_float(0))
+            else:  # a (C,) operand broadcasts over the pixels
+                desc = _nhwc(dnnl, shape if len(shape) == 4 else (1, 1, 1, *shape))
+                status = lib.dnnl_post_ops_append_binary(post_ops, _BINARY[op], desc)
+                operands.append((_POST_OP_SRC_1 * (i + 1) | 2, desc))
+            dnnl.check(status, f"post-op {op}")
+        attr = dnnl.create(lib.dnnl_primitive_attr_create)
+        dnnl.check(lib.dnnl_primitive_attr_set_post_ops(attr, post_ops), "post-ops")
+        return attr, operands
 
     def kernel_layout(self, pd, query):
         """The primitive ``pd``'s kernel layout and its size in float32s."""
@@ -230,33 +254,36 @@ class _Convolution:
 
 
 def _plan(build):
-    """A cached plan builder: the plan's index in ``_PLANS`` per convolution shape."""
+    """A cached plan builder: the plan's index in ``_PLANS`` per convolution shape (and the
+    builder's further options)."""
     @functools.cache
-    def index(*shape) -> int:
-        _PLANS.append(build(_Convolution(*shape)))
+    def index(x_shape, kernel_shape, strides, padding, *options) -> int:
+        _PLANS.append(build(_Convolution(x_shape, kernel_shape, strides, padding), *options))
         return len(_PLANS) - 1
     return index
 
 
-def _with_kernel(c: _Convolution, pd, source: tuple, result: tuple):
+def _with_kernel(c: _Convolution, pd, source: tuple, result: tuple, operands: list = ()):
     """A plan for primitive ``pd`` that reads an activation and the HWIO kernel (copied into
-    the primitive's layout) and writes an activation: ``source``/``result`` are (argument,
-    descriptor) pairs."""
+    the primitive's layout), then ``operands``, and writes an activation: ``source``,
+    ``result`` and each operand are (argument, descriptor) pairs."""
     conv, (desc, size) = c.dnnl.primitive(pd), c.kernel_layout(pd, _QUERY_WEIGHTS_MD)
     into = c.dnnl.reorder(c.kernel, desc)
 
-    def run(args, rets):  # activation, kernel -> activation
+    def run(args, rets):  # activation, kernel, *operands -> activation
         kernel = np.empty(size, np.float32)
         c.dnnl.execute(into, {_SRC: (c.kernel, args[1]), _DST: (desc, kernel.ctypes.data)})
         c.dnnl.execute(conv, {source[0]: (source[1], args[0]),
                               _WEIGHTS: (desc, kernel.ctypes.data),
-                              result[0]: (result[1], rets[0])})
+                              result[0]: (result[1], rets[0]),
+                              **{arg: (d, address) for (arg, d), address in zip(operands, args[2:])}})
     return run
 
 
 @_plan
-def _forward_plan(c: _Convolution):
-    return _with_kernel(c, c.forward_pd(_FORWARD), (_SRC, c.src), (_DST, c.dst))
+def _forward_plan(c: _Convolution, epilogue: tuple):
+    attr, operands = c.post_ops(epilogue) if epilogue else (None, [])
+    return _with_kernel(c, c.forward_pd(_FORWARD, attr), (_SRC, c.src), (_DST, c.dst), operands)
 
 
 @_plan
@@ -295,11 +322,14 @@ def _out_shape(x_shape, kernel_shape, strides, padding):
             (x_shape[2] + left + right - kw) // strides + 1, cout)
 
 
-def forward(x, kernel, strides: int, padding: tuple):
+def forward(x, kernel, strides: int, padding: tuple, epilogue=()):
     """The convolution of NHWC ``x`` by HWIO ``kernel``; ``padding`` is explicit:
-    ((top, bottom), (left, right))."""
+    ((top, bottom), (left, right)). ``epilogue`` is applied in order to the result, in the same
+    call: ("add", v) and ("mul", v) with ``v`` of shape (C,) or the output's, ("relu", None)."""
     shape = (x.shape, kernel.shape, strides, padding)
-    return _call(_forward_plan(*shape), _out_shape(*shape), x, kernel)
+    plan = _forward_plan(*shape, tuple((op, v if v is None else v.shape) for op, v in epilogue))
+    operands = [v for _, v in epilogue if v is not None]
+    return _call(plan, _out_shape(*shape), x, kernel, *operands)
 
 
 def input_gradient(dy, kernel, x_shape, strides: int, padding: tuple):

@@ -36,29 +36,33 @@ class ResNet50(nn.Module):
             return L.Conv2D(features, k, stride, padding, frozen=next(count) < self.frozen,
                             dtype=self.dtype, name=name)
 
-        def bn(name, y):
+        def bn(name):
             return L.BatchNormalization(epsilon=1.001e-5, axis_name=self.axis_name,
                                         frozen=next(count) < self.frozen, dtype=self.dtype,
-                                        name=name)(y, train)
+                                        name=name)
+
+        def conv_bn(name, x, features, k, stride=1, padding="VALID", **tail):
+            return L.conv_bn(conv(name + "_conv", features, k, stride, padding), bn(name + "_bn"),
+                             x, train, **tail)
 
         x = caffe_preprocess(x)
         if self.frozen > 0:
             x = lax.stop_gradient(x)
-        x = L.zero_pad(x.astype(self.dtype), ((3, 3), (3, 3)))
-        x = L.relu(bn("conv1_bn", conv("conv1_conv", 64, 7, 2)(x)))
+        # Keras' ZeroPadding2D(3) before the stem, as the convolution's own padding.
+        x = conv_bn("conv1", x.astype(self.dtype), 64, 7, 2, ((3, 3), (3, 3)), relu=True)
         x = L.max_pool(L.zero_pad(x, ((1, 1), (1, 1))), 3, 2)
         for stage, filters, blocks, stride in STAGES:
             for i in range(1, blocks + 1):
                 name = f"{stage}_block{i}"
                 s = stride if i == 1 else 1
-                y = L.relu(bn(name + "_1_bn", conv(name + "_1_conv", filters, 1, s)(x)))
-                y = L.relu(bn(name + "_2_bn", conv(name + "_2_conv", filters, 3, 1, "SAME")(y)))
-                if i == 1:  # in Keras' layer order: 0_conv, 3_conv, 0_bn, 3_bn
-                    shortcut = conv(name + "_0_conv", 4 * filters, 1, s)(x)
-                    y = conv(name + "_3_conv", 4 * filters, 1)(y)
-                    shortcut, y = bn(name + "_0_bn", shortcut), bn(name + "_3_bn", y)
+                y = conv_bn(name + "_1", x, filters, 1, s, relu=True)
+                y = conv_bn(name + "_2", y, filters, 3, 1, "SAME", relu=True)
+                if i == 1:  # built in Keras' layer order: 0_conv, 3_conv, 0_bn, 3_bn
+                    conv0 = conv(name + "_0_conv", 4 * filters, 1, s)
+                    conv3 = conv(name + "_3_conv", 4 * filters, 1)
+                    bn0, bn3 = bn(name + "_0_bn"), bn(name + "_3_bn")
+                    shortcut = L.conv_bn(conv0, bn0, x, train)
+                    x = L.conv_bn(conv3, bn3, y, train, residual=shortcut, relu=True)
                 else:
-                    shortcut = x
-                    y = bn(name + "_3_bn", conv(name + "_3_conv", 4 * filters, 1)(y))
-                x = L.relu(shortcut + y)
+                    x = conv_bn(name + "_3", y, 4 * filters, 1, residual=x, relu=True)
         return x

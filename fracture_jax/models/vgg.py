@@ -31,8 +31,9 @@ class VGG16(nn.Module):
         n = 0
         for block, (features, convs) in enumerate(STAGES, start=1):
             for i in range(1, convs + 1):
-                x = L.relu(L.Conv2D(features, 3, padding="SAME", frozen=n < self.frozen,
-                                    dtype=self.dtype, name=f"block{block}_conv{i}")(x))
+                x = L.Conv2D(features, 3, padding="SAME", activation="relu",
+                             frozen=n < self.frozen, dtype=self.dtype,
+                             name=f"block{block}_conv{i}")(x)
                 n += 1
             x = L.max_pool(x, 2, 2)
         return x
