@@ -276,7 +276,8 @@ def _with_kernel(c: _Convolution, pd, source: tuple, result: tuple, operands: li
         c.dnnl.execute(conv, {source[0]: (source[1], args[0]),
                               _WEIGHTS: (desc, kernel.ctypes.data),
                               result[0]: (result[1], rets[0]),
-                              **{arg: (d, address) for (arg, d), address in zip(operands, args[2:])}})
+                              **{arg: (d, address)
+                                 for (arg, d), address in zip(operands, args[2:])}})
     return run
 
 
