@@ -49,6 +49,23 @@ def without_onednn(monkeypatch):
     monkeypatch.setattr(onednn, "available", lambda: False)
 
 
+def choose_path(with_onednn: bool, request):
+    """oneDNN's path (skipped where its library is missing), or XLA's."""
+    if with_onednn and not onednn.available():
+        pytest.skip("oneDNN's library is installed on x86-64 Linux only")
+    if not with_onednn:
+        request.getfixturevalue("without_onednn")
+
+
+def sharded_over_batch(per_device, x, *replicated):
+    """``per_device`` inside shard_map over every device: ``x`` split along the batch, the rest
+    replicated, the results replicated."""
+    mesh = jax.make_mesh((jax.device_count(),), ("batch",))
+    specs = (P("batch"),) + (P(),) * len(replicated)
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=P())
+    return jax.jit(sharded)(jax.device_put(x, jax.NamedSharding(mesh, P("batch"))), *replicated)
+
+
 def test_onednn_loads_where_its_wheel_exists():
     """requirements.txt installs oneDNN's library on x86-64 Linux; elsewhere XLA's paths run."""
     if sys.platform == "linux" and platform.machine() == "x86_64":
@@ -131,25 +148,15 @@ def test_dense_value_and_gradients_match_xla(h, w, k, strides, padding, cout):
 def test_kernel_gradient_sums_over_devices(conv, reference, kernel_shape, with_onednn, request):
     """Inside shard_map the replicated kernel's gradient is the sum of every device's share,
     as JAX gives it for its own convolution (oneDNN's runs on every device at once)."""
-    if with_onednn and not onednn.available():
-        pytest.skip("oneDNN's library is installed on x86-64 Linux only")
-    if not with_onednn:
-        request.getfixturevalue("without_onednn")
-    mesh = jax.make_mesh((jax.device_count(),), ("batch",))
+    choose_path(with_onednn, request)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2 * jax.device_count(), 9, 9, kernel_shape[2])),
                     jnp.float32)
     kernel = jnp.asarray(rng.standard_normal(kernel_shape), jnp.float32)
-
-    def grads(conv):
-        per_device = jax.grad(loss(conv, 2, "SAME"), 1)
-        sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P("batch"), P()),
-                                out_specs=P())
-        return jax.jit(sharded)(jax.device_put(x, jax.NamedSharding(mesh, P("batch"))), kernel)
-
     whole = jax.grad(loss(reference, 2, "SAME"), 1)(x, kernel)
-    assert relative(grads(conv), whole) < 1e-5
-    assert relative(grads(reference), whole) < 1e-5
+    for f in (conv, reference):
+        assert relative(sharded_over_batch(jax.grad(loss(f, 2, "SAME"), 1), x, kernel),
+                        whole) < 1e-5
 
 
 @pytest.mark.usefixtures("without_onednn")
@@ -229,11 +236,7 @@ def test_onednn_epilogue_matches_xla_with_gradients(k, strides):
 @pytest.mark.parametrize("with_onednn", [True, False])
 def test_epilogue_gradients_sum_over_devices(with_onednn, request):
     """The bias's and the BatchNorm's per-channel gradients sum over the devices too."""
-    if with_onednn and not onednn.available():
-        pytest.skip("oneDNN's library is installed on x86-64 Linux only")
-    if not with_onednn:
-        request.getfixturevalue("without_onednn")
-    mesh = jax.make_mesh((jax.device_count(),), ("batch",))
+    choose_path(with_onednn, request)
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((2 * jax.device_count(), 9, 9, 4)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((3, 3, 4, 5)) * 0.3, jnp.float32)
@@ -243,11 +246,7 @@ def test_epilogue_gradients_sum_over_devices(with_onednn, request):
         steps = (("add", bias), ("mul", scale), ("add", shift), ("relu", None))
         return jnp.sum(jnp.sin(layers.conv2d(x, kernel, 1, "SAME", steps)))
 
-    per_device = jax.grad(loss, (1, 2, 3, 4))
-    sharded = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P("batch"),) + (P(),) * 4,
-                                    out_specs=P()))
-    got = sharded(jax.device_put(x, jax.NamedSharding(mesh, P("batch"))), kernel, bias, scale,
-                  shift)
+    got = sharded_over_batch(jax.grad(loss, (1, 2, 3, 4)), x, kernel, bias, scale, shift)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(onednn, "available", lambda: False)
         want = jax.grad(loss, (1, 2, 3, 4))(x, kernel, bias, scale, shift)
@@ -255,10 +254,12 @@ def test_epilogue_gradients_sum_over_devices(with_onednn, request):
         assert relative(g, r) < 1e-5
 
 
-def test_epilogue_relu_only_last():
+@pytest.mark.parametrize("steps", [(("relu", None), ("add", 1.0)), (("swish", None),)])
+def test_epilogue_refuses_other_steps(steps):
+    """A ReLU only last (its gradient comes from the output), and only these steps."""
     x, kernel = jnp.ones((1, 4, 4, 2)), jnp.ones((1, 1, 2, 2))
-    with pytest.raises(ValueError, match="ReLU can only end"):
-        layers.conv2d(x, kernel, 1, "VALID", (("relu", None), ("add", jnp.ones(2))))
+    with pytest.raises(ValueError, match="can end in a ReLU"):
+        layers.conv2d(x, kernel, 1, "VALID", steps)
 
 
 class ConvBN(layers.nn.Module):
