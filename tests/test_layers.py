@@ -108,9 +108,13 @@ def test_onednn_failure_reaches_the_caller():
         jax.block_until_ready(jax.jit(lambda x: bad(x, plan=np.int64(10**9)))(jnp.ones(2)))
 
 
+@pytest.mark.parametrize("with_onednn", [True, False])
 @pytest.mark.parametrize("h,w,k,strides,padding", CASES)
-def test_depthwise_value_and_gradients_match_xla(h, w, k, strides, padding):
-    assert jax.default_backend() == "cpu"  # where the shifted-sum path runs
+def test_depthwise_value_and_gradients_match_xla(h, w, k, strides, padding, with_onednn,
+                                                 request):
+    """oneDNN's depthwise convolution, and the shifted sums where its library is missing."""
+    assert jax.default_backend() == "cpu"  # where both CPU paths run
+    choose_path(with_onednn, request)
     rng = np.random.default_rng(k * 100 + h)
     batch = 12 if strides == 1 else 10  # folded in 6 and 5 interleaved slices
     x = jnp.asarray(rng.standard_normal((batch, h, w, 4)), jnp.float32)
@@ -143,6 +147,7 @@ def test_dense_value_and_gradients_match_xla(h, w, k, strides, padding, cout):
 
 @pytest.mark.parametrize("conv,reference,kernel_shape,with_onednn", [
     (layers.depthwise_conv2d, xla_depthwise, (3, 3, 3, 1), False),
+    (layers.depthwise_conv2d, xla_depthwise, (3, 3, 3, 1), True),
     (layers.conv2d, xla_conv, (3, 3, layers._MATMUL_GRADIENT_MIN_CHANNELS, 5), False),
     (layers.conv2d, xla_conv, (3, 3, 4, 5), True)])
 def test_kernel_gradient_sums_over_devices(conv, reference, kernel_shape, with_onednn, request):
@@ -203,23 +208,29 @@ def epilogue(bias, scale, shift, residual):
     return (("add", bias), ("mul", scale), ("add", shift), ("add", residual), ("relu", None))
 
 
-@pytest.mark.parametrize("k,strides", [(3, 1), (3, 2), (1, 1)])
-def test_onednn_epilogue_matches_xla_with_gradients(k, strides):
-    """A bias, a BatchNorm's affine, a residual and a ReLU run inside oneDNN's call (one
-    custom call, no separate pass); value and every gradient match the operations one by one."""
+@pytest.mark.parametrize("k,strides,depthwise,activation", [
+    (3, 1, False, "relu"), (3, 2, False, "relu"), (1, 1, False, "relu"), (1, 1, False, "swish"),
+    (3, 1, True, "swish"), (5, 2, True, "swish"), (3, 2, True, "relu")])
+def test_onednn_epilogue_matches_xla_with_gradients(k, strides, depthwise, activation):
+    """A bias, a BatchNorm's affine, a residual and an activation run inside oneDNN's call
+    (one custom call, no separate pass), after a dense or a depthwise convolution; value and
+    every gradient match the operations one by one."""
     if not onednn.available():
         pytest.skip("oneDNN's library is installed on x86-64 Linux only")
     rng = np.random.default_rng(k + strides)
     x = jnp.asarray(rng.standard_normal((2, 9, 9, 6)), jnp.float32)
-    kernel = jnp.asarray(rng.standard_normal((k, k, 6, 5)) * 0.3, jnp.float32)
-    operands = epilogue_operands(rng, xla_conv(x, kernel, strides, "SAME").shape)
+    kernel = jnp.asarray(rng.standard_normal((k, k, 6, 1 if depthwise else 5)) * 0.3,
+                         jnp.float32)
+    ours, theirs = ((layers.depthwise_conv2d, xla_depthwise) if depthwise
+                    else (layers.conv2d, xla_conv))
+    operands = epilogue_operands(rng, theirs(x, kernel, strides, "SAME").shape)
 
     def fused(x, kernel, *operands):
-        return layers.conv2d(x, kernel, strides, "SAME", epilogue(*operands))
+        return ours(x, kernel, strides, "SAME", epilogue(*operands)[:-1] + ((activation, None),))
 
     def reference(x, kernel, bias, scale, shift, residual):
-        return jax.nn.relu((xla_conv(x, kernel, strides, "SAME") + bias) * scale + shift
-                           + residual)
+        act = jax.nn.relu if activation == "relu" else jax.nn.silu
+        return act((theirs(x, kernel, strides, "SAME") + bias) * scale + shift + residual)
 
     jaxpr = jax.make_jaxpr(fused)(x, kernel, *operands)
     assert [e.primitive.name for e in jaxpr.eqns] == ["custom_vjp_call"]
@@ -254,11 +265,13 @@ def test_epilogue_gradients_sum_over_devices(with_onednn, request):
         assert relative(g, r) < 1e-5
 
 
-@pytest.mark.parametrize("steps", [(("relu", None), ("add", 1.0)), (("swish", None),)])
+@pytest.mark.parametrize("steps", [(("relu", None), ("add", 1.0)),
+                                   (("swish", None), ("relu", None)), (("tanh", None),)])
 def test_epilogue_refuses_other_steps(steps):
-    """A ReLU only last (its gradient comes from the output), and only these steps."""
+    """An activation only last (its gradient comes from the output or the values before it),
+    and only these steps."""
     x, kernel = jnp.ones((1, 4, 4, 2)), jnp.ones((1, 1, 2, 2))
-    with pytest.raises(ValueError, match="can end in a ReLU"):
+    with pytest.raises(ValueError, match="can end in a ReLU or a swish"):
         layers.conv2d(x, kernel, 1, "VALID", steps)
 
 
@@ -270,7 +283,7 @@ class ConvBN(layers.nn.Module):
         conv = layers.Conv2D(5, 3, padding="SAME", name="conv")
         bn = layers.BatchNormalization(name="bn")
         return layers.conv_bn(conv, bn, x, train, residual=x[..., :1] if self.residual else None,
-                              relu=True)
+                              activation="relu")
 
 
 @pytest.mark.parametrize("residual", [False, True])

@@ -73,10 +73,11 @@ class EfficientNet(nn.Module):
             x = lax.stop_gradient(x)
         x = x.astype(self.dtype)
 
-        x = L.zero_pad(x, L.correct_pad(x, 3))
-        x = layer(L.Conv2D, "stem_conv", features=round_filters(32, width), kernel_size=3,
-                  strides=2, use_bias=False)(x)
-        x = L.swish(bn("stem_bn")(x, train))
+        # Keras' ZeroPadding2D before each stride-2 convolution, as the convolution's padding.
+        x = L.conv_bn(layer(L.Conv2D, "stem_conv", features=round_filters(32, width),
+                            kernel_size=3, strides=2, padding=L.correct_pad(x, 3),
+                            use_bias=False),
+                      bn("stem_bn"), x, train, activation="swish")
 
         blocks_total = float(sum(round_repeats(b[1], depth) for b in BLOCKS))
         b = 0
@@ -90,34 +91,35 @@ class EfficientNet(nn.Module):
                 inputs = x
                 filters = f_in * expand
                 if expand != 1:
-                    x = layer(L.Conv2D, name + "expand_conv", features=filters, kernel_size=1,
-                              padding="SAME", use_bias=False)(x)
-                    x = L.swish(bn(name + "expand_bn")(x, train))
-                if stride == 2:
-                    x = L.zero_pad(x, L.correct_pad(x, k))
-                    pad = "VALID"
-                else:
-                    pad = "SAME"
-                x = layer(L.DepthwiseConv2D, name + "dwconv", kernel_size=k, strides=stride,
-                          padding=pad)(x)
-                x = L.swish(bn(name + "bn")(x, train))
+                    x = L.conv_bn(layer(L.Conv2D, name + "expand_conv", features=filters,
+                                        kernel_size=1, padding="SAME", use_bias=False),
+                                  bn(name + "expand_bn"), x, train, activation="swish")
+                x = L.conv_bn(layer(L.DepthwiseConv2D, name + "dwconv", kernel_size=k,
+                                    strides=stride,
+                                    padding=L.correct_pad(x, k) if stride == 2 else "SAME"),
+                              bn(name + "bn"), x, train, activation="swish")
                 filters_se = max(1, int(f_in * SE_RATIO))
                 se = jnp.mean(x, axis=(1, 2), keepdims=True)
-                se = L.swish(layer(L.Conv2D, name + "se_reduce", features=filters_se,
-                                   kernel_size=1, padding="SAME")(se))
+                se = layer(L.Conv2D, name + "se_reduce", features=filters_se, kernel_size=1,
+                           padding="SAME", activation="swish")(se)
                 se = nn.sigmoid(layer(L.Conv2D, name + "se_expand", features=filters,
                                       kernel_size=1, padding="SAME")(se))
                 x = x * se
-                x = layer(L.Conv2D, name + "project_conv", features=f_out, kernel_size=1,
-                          padding="SAME", use_bias=False)(x)
-                x = bn(name + "project_bn")(x, train)
+                project = layer(L.Conv2D, name + "project_conv", features=f_out, kernel_size=1,
+                                padding="SAME", use_bias=False)
+                project_bn = bn(name + "project_bn")
                 if stride == 1 and f_in == f_out:
-                    if drop > 0:
+                    if train and drop > 0:
+                        x = L.conv_bn(project, project_bn, x, train)
                         x = nn.Dropout(drop, broadcast_dims=(1, 2, 3), name=name + "drop")(
-                            x, deterministic=not train)
-                    x = x + inputs
+                            x, deterministic=False)
+                        x = x + inputs
+                    else:  # the residual joins the convolution's epilogue
+                        x = L.conv_bn(project, project_bn, x, train, residual=inputs)
+                else:
+                    x = L.conv_bn(project, project_bn, x, train)
                 b += 1
 
-        x = layer(L.Conv2D, "top_conv", features=round_filters(1280, width), kernel_size=1,
-                  padding="SAME", use_bias=False)(x)
-        return L.swish(bn("top_bn")(x, train))
+        return L.conv_bn(layer(L.Conv2D, "top_conv", features=round_filters(1280, width),
+                               kernel_size=1, padding="SAME", use_bias=False),
+                         bn("top_bn"), x, train, activation="swish")

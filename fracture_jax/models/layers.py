@@ -68,27 +68,35 @@ def _freeze(x, frozen: bool):
 Epilogue = Sequence[tuple[str, jax.Array | None]]
 
 
+_ACTIVATIONS = {"relu": jax.nn.relu, "swish": jax.nn.silu}
+
+
 def apply_epilogue(y, epilogue: Epilogue):
-    """``epilogue``'s steps on ``y`` in order: ("add", v), ("mul", v), ("relu", None)."""
+    """``epilogue``'s steps on ``y`` in order: ("add", v), ("mul", v), ("relu" or "swish",
+    None)."""
     for op, v in epilogue:
-        y = relu(y) if op == "relu" else y + v if op == "add" else y * v
+        y = _ACTIVATIONS[op](y) if op in _ACTIVATIONS else y + v if op == "add" else y * v
     return y
+
+
+def _checked_ops(epilogue: Epilogue, where: str) -> tuple:
+    ops = tuple(op for op, _ in epilogue)
+    if not set(ops) <= {"add", "mul", *_ACTIVATIONS} or set(ops[:-1]) & set(_ACTIVATIONS):
+        raise ValueError(f"{where}: an epilogue adds, multiplies, and can end in a ReLU or a "
+                         f"swish; not {ops}")
+    return ops
 
 
 def conv2d(x, kernel, strides: int, padding: Pad, epilogue: Epilogue = ()):
     """A dense convolution, then ``apply_epilogue`` (its operands of shape (C,) or the
-    output's; a ReLU only last). On CPU in float32 with oneDNN's library: oneDNN's, the epilogue
-    inside the same call (``_onednn_conv``). Otherwise 1x1 kernels run as a 2-D matmul over the
-    pixels (its gradients are matmuls too), and on CPU a larger kernel's gradient is computed
-    as matmuls (``_cpu_conv``) when it has many input channels or a stride."""
+    output's; an activation only last). On CPU in float32 with oneDNN's library: oneDNN's, the
+    epilogue inside the same call (``_onednn_conv``). Otherwise 1x1 kernels run as a 2-D matmul
+    over the pixels (its gradients are matmuls too), and on CPU a larger kernel's gradient is
+    computed as matmuls (``_cpu_conv``) when it has many input channels or a stride."""
     kh, kw, cin, cout = kernel.shape
-    ops = tuple(op for op, _ in epilogue)
-    if not set(ops) <= {"add", "mul", "relu"} or "relu" in ops[:-1]:
-        raise ValueError(f"conv2d: an epilogue adds, multiplies, and can end in a ReLU; not {ops}")
+    ops = _checked_ops(epilogue, "conv2d")
     if _onednn_runs(x, kernel):
-        operands = tuple(_varying_like(v, x) for _, v in epilogue if v is not None)
-        return _onednn_conv(x, _varying_like(kernel, x), operands, strides,
-                            _explicit(padding, x.shape, kh, kw, strides), ops)
+        return _onednn_call(x, kernel, strides, padding, epilogue, ops, depthwise=False)
     if kh == kw == 1:
         y = _pointwise(x, kernel, strides)
     elif (jax.default_backend() != "cpu" or _PORTABLE.get()
@@ -105,32 +113,41 @@ def _onednn_runs(x, kernel) -> bool:
             and kernel.dtype == jnp.float32 and onednn.available())
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _onednn_conv(x, kernel, operands: tuple, strides: int, padding: tuple, ops: tuple):
-    """oneDNN's convolution (``models/onednn.py``) and epilogue ``ops`` on ``operands``. The
-    gradients of a kernel larger than 1x1 are oneDNN's too; a 1x1 kernel's are the 2-D matmuls
-    of ``_pointwise`` (with oneDNN's 1x1 input gradient EfficientNetB2's full step ran at 4.95
-    images/s, with the matmuls at 7.95)."""
+def _onednn_call(x, kernel, strides: int, padding: Pad, epilogue: Epilogue, ops: tuple,
+                 depthwise: bool):
+    kh, kw = kernel.shape[:2]
+    operands = tuple(_varying_like(v, x) for _, v in epilogue if v is not None)
+    return _onednn_conv(x, _varying_like(kernel, x), operands, strides,
+                        _explicit(padding, x.shape, kh, kw, strides), ops, depthwise)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _onednn_conv(x, kernel, operands: tuple, strides: int, padding: tuple, ops: tuple,
+                 depthwise: bool):
+    """oneDNN's convolution (``models/onednn.py``), dense or depthwise, and epilogue ``ops`` on
+    ``operands``. The gradients are oneDNN's too, but for a dense 1x1 kernel's: the 2-D
+    matmuls of ``_pointwise`` (with oneDNN's 1x1 input gradient EfficientNetB2's full step ran
+    at 4.95 images/s, with the matmuls at 7.95)."""
     steps = iter(operands)
-    epilogue = tuple((op, None if op == "relu" else next(steps)) for op in ops)
-    return _varying_like(onednn.forward(x, kernel, strides, padding, epilogue), x)
+    epilogue = tuple((op, None if op in _ACTIVATIONS else next(steps)) for op in ops)
+    return _varying_like(onednn.forward(x, kernel, strides, padding, epilogue, depthwise), x)
 
 
-def _onednn_conv_fwd(x, kernel, operands, strides, padding, ops):
-    y = _onednn_conv(x, kernel, operands, strides, padding, ops)
+def _onednn_conv_fwd(x, kernel, operands, strides, padding, ops, depthwise):
+    y = _onednn_conv(x, kernel, operands, strides, padding, ops, depthwise)
     return y, (x, kernel, operands, y if ops[-1:] == ("relu",) else None)
 
 
-def _onednn_conv_bwd(strides, padding, ops, saved, dy):
+def _onednn_conv_bwd(strides, padding, ops, depthwise, saved, dy):
     x, kernel, operands, y = saved
-    dz, doperands = _epilogue_gradients(ops, operands, y, dy,
-                                        lambda: onednn.forward(x, kernel, strides, padding))
-    if kernel.shape[:2] == (1, 1):
+    dz, doperands = _epilogue_gradients(
+        ops, operands, y, dy, lambda: onednn.forward(x, kernel, strides, padding, (), depthwise))
+    if kernel.shape[:2] == (1, 1) and not depthwise:
         dx, dkernel = jax.vjp(lambda x, kernel: _pointwise(x, kernel, strides), x, kernel)[1](dz)
     else:
-        dx = _varying_like(onednn.input_gradient(dz, kernel, x.shape, strides, padding), x)
-        dkernel = _varying_like(onednn.kernel_gradient(x, dz, kernel.shape, strides, padding),
-                                kernel)
+        dx = onednn.input_gradient(dz, kernel, x.shape, strides, padding, depthwise)
+        dkernel = onednn.kernel_gradient(x, dz, kernel.shape, strides, padding, depthwise)
+        dx, dkernel = _varying_like(dx, x), _varying_like(dkernel, kernel)
     return dx, dkernel, doperands
 
 
@@ -139,10 +156,16 @@ _onednn_conv.defvjp(_onednn_conv_fwd, _onednn_conv_bwd)
 
 def _epilogue_gradients(ops: tuple, operands: tuple, y, dy, convolution):
     """The gradients of ``apply_epilogue`` with respect to its input and its operands, from
-    its output ``y``: a final ReLU's mask is ``y > 0``; a product's operand needs the value
-    before the product, recomputed from ``convolution()`` (XLA drops that where unused)."""
-    g = jnp.where(y > 0, dy, 0.0) if ops[-1:] == ("relu",) else dy
-    arithmetic = [op for op in ops if op != "relu"]
+    its output ``y``: a final ReLU's mask is ``y > 0``; a swish's gradient, and a product's
+    operand's, need the values before them, recomputed from ``convolution()`` (XLA drops that
+    where unused)."""
+    arithmetic = [op for op in ops if op not in _ACTIVATIONS]
+    g = dy
+    if ops[-1:] == ("relu",):
+        g = jnp.where(y > 0, dy, 0.0)
+    elif ops[-1:] == ("swish",):
+        before = apply_epilogue(convolution(), tuple(zip(arithmetic, operands)))
+        g = jax.vjp(jax.nn.silu, before)[1](dy)[0]
     grads = list(operands)
     for i in reversed(range(len(arithmetic))):
         v = operands[i]
@@ -229,16 +252,22 @@ def _same_pads(size: int, k: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def depthwise_conv2d(x, kernel, strides: int, padding: Pad):
-    """A depthwise convolution with kernel (kh, kw, C, 1). On CPU it runs as a sum of k*k
-    shifted, scaled copies of the input: XLA's CPU depthwise kernel (and its gradient) is
-    10-50x slower, and the sum gives the same float32 result. Elsewhere: XLA's own."""
+def depthwise_conv2d(x, kernel, strides: int, padding: Pad, epilogue: Epilogue = ()):
+    """A depthwise convolution with kernel (kh, kw, C, 1), then ``apply_epilogue``. On CPU in
+    float32 with oneDNN's library: oneDNN's, the epilogue in the same call; without it, a sum
+    of k*k shifted, scaled copies of the input (XLA's CPU depthwise kernel and its gradient are
+    10-50x slower). Elsewhere: XLA's own."""
     kh, kw, c, _ = kernel.shape
+    ops = _checked_ops(epilogue, "depthwise_conv2d")
+    if _onednn_runs(x, kernel):
+        return _onednn_call(x, kernel, strides, padding, epilogue, ops, depthwise=True)
     if jax.default_backend() != "cpu" or _PORTABLE.get():
-        return lax.conv_general_dilated(x, kernel.reshape(kh, kw, 1, c), (strides,) * 2, padding,
-                                        dimension_numbers=_DIMS, feature_group_count=c)
-    x = jnp.pad(x, ((0, 0), *_explicit(padding, x.shape, kh, kw, strides), (0, 0)))
-    return _shifted_depthwise(x, _varying_like(kernel, x), strides)
+        y = lax.conv_general_dilated(x, kernel.reshape(kh, kw, 1, c), (strides,) * 2, padding,
+                                     dimension_numbers=_DIMS, feature_group_count=c)
+    else:
+        x = jnp.pad(x, ((0, 0), *_explicit(padding, x.shape, kh, kw, strides), (0, 0)))
+        y = _shifted_depthwise(x, _varying_like(kernel, x), strides)
+    return apply_epilogue(y, epilogue)
 
 
 def _varying_like(kernel, x):
@@ -314,8 +343,9 @@ _shifted_depthwise.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
 
 
 class Conv2D(_KerasLayer):
-    """``keras.layers.Conv2D``: kernel (kh, kw, in, out), optional bias, and activation None or
-    "relu". Called with an ``epilogue``, the convolution applies it after those (``conv2d``)."""
+    """``keras.layers.Conv2D``: kernel (kh, kw, in, out), optional bias, and activation None,
+    "relu" or "swish". Called with an ``epilogue``, the convolution applies it after those
+    (``conv2d``)."""
 
     features: int
     kernel_size: int
@@ -342,9 +372,13 @@ class Conv2D(_KerasLayer):
                       _freeze(kernel.astype(self.dtype), self.frozen), self.strides,
                       self.padding, (*own, *epilogue))
 
+    def out_channels(self, x) -> int:
+        return self.features
+
 
 class DepthwiseConv2D(_KerasLayer):
-    """``keras.layers.DepthwiseConv2D`` (depth multiplier 1): kernel stored as (kh, kw, C, 1)."""
+    """``keras.layers.DepthwiseConv2D`` (depth multiplier 1, no bias): kernel stored as
+    (kh, kw, C, 1). Called with an ``epilogue``, as ``Conv2D``."""
 
     kernel_size: int
     strides: int = 1
@@ -353,13 +387,16 @@ class DepthwiseConv2D(_KerasLayer):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, epilogue: Epilogue = ()):
         k, c = self.kernel_size, x.shape[-1]
         kernel = self.param("depthwise_kernel", nn.initializers.he_normal(in_axis=-2, out_axis=-1),
                             (k, k, c, 1))
-        y = depthwise_conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides,
-                             self.padding)
-        return _freeze(y, self.frozen)
+        return depthwise_conv2d(_freeze(x.astype(self.dtype), self.frozen),
+                                _freeze(kernel.astype(self.dtype), self.frozen), self.strides,
+                                self.padding, epilogue)
+
+    def out_channels(self, x) -> int:
+        return x.shape[-1]
 
 
 class Dense(_KerasLayer):
@@ -443,15 +480,16 @@ class Normalization(_KerasLayer):
         return (x - mean) / jnp.maximum(jnp.sqrt(var), 1e-7)
 
 
-def conv_bn(conv: Conv2D, bn: BatchNormalization, x, train: bool, residual=None,
-            relu: bool = False):
-    """``bn(conv(x))``, plus ``residual``, then a ReLU (both optional). With the BatchNorm in
-    inference mode its affine, the residual and the ReLU are the convolution's epilogue: one
-    oneDNN call on CPU, no pass over memory each."""
-    tail = (*([] if residual is None else [("add", residual)]), *([("relu", None)] if relu else []))
+def conv_bn(conv: Conv2D | DepthwiseConv2D, bn: BatchNormalization, x, train: bool,
+            residual=None, activation: str | None = None):
+    """``bn(conv(x))``, plus ``residual``, then ``activation`` ("relu" or "swish"; both
+    optional). With the BatchNorm in inference mode its affine, the residual and the activation
+    are the convolution's epilogue: one oneDNN call on CPU, no pass over memory each."""
+    tail = (*([] if residual is None else [("add", residual)]),
+            *([] if activation is None else [(activation, None)]))
     if bn.uses_batch_moments(train):
         return apply_epilogue(bn(conv(x), train), tail)
-    scale, shift = bn(jax.ShapeDtypeStruct((conv.features,), conv.dtype), fold=True)
+    scale, shift = bn(jax.ShapeDtypeStruct((conv.out_channels(x),), conv.dtype), fold=True)
     return conv(x, (("mul", scale), ("add", shift), *tail))
 
 
@@ -521,7 +559,7 @@ def global_avg_pool(x):
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
-swish = jax.nn.silu
-relu = jax.nn.relu
+swish = _ACTIVATIONS["swish"]
+relu = _ACTIVATIONS["relu"]
 
 

@@ -29,7 +29,7 @@ _F32, _FORMAT_ANY, _CPU, _IN_ORDER, _DIRECT = 3, 1, 1, 1, 1
 _FORWARD, _FORWARD_TRAINING = 96, 64
 _SRC, _DST, _WEIGHTS, _DIFF_SRC, _DIFF_DST, _DIFF_WEIGHTS = 1, 17, 33, 129, 145, 161
 _QUERY_WEIGHTS_MD, _QUERY_DIFF_WEIGHTS_MD = 131, 132
-_ELTWISE = {"relu": 0x20}
+_ELTWISE = {"relu": (0x20, 0.0), "swish": (0x2C, 1.0)}  # algorithm, alpha
 _BINARY = {"add": 0x1FFF0, "mul": 0x1FFF1}
 _POST_OP_SRC_1 = 32768  # DNNL_ARG_ATTR_MULTIPLE_POST_OP(i) | DNNL_ARG_SRC_1 = 32768 * (i + 1) | 2
 _P = ctypes.c_void_p
@@ -209,17 +209,33 @@ def _hwio(dnnl, shape):
     return dnnl.desc([o, i, kh, kw], [1, o, kw * i * o, i * o])
 
 
-class _Convolution:
-    """One convolution shape's descriptors: NHWC activations, an HWIO kernel, and the kernel in
-    the layout oneDNN picks for each primitive."""
+def _depthwise_dims(shape):
+    """oneDNN's grouped-weights dims (groups, out/group, in/group, kh, kw) of a (kh, kw, C, 1)
+    depthwise kernel."""
+    kh, kw, c, _ = shape
+    return [c, 1, 1, kh, kw]
 
-    def __init__(self, x_shape, kernel_shape, strides: int, padding: tuple):
+
+def _hwc1(dnnl, shape):
+    kh, kw, c, _ = shape
+    return dnnl.desc(_depthwise_dims(shape), [1, 1, 1, kw * c, c])
+
+
+class _Convolution:
+    """One convolution shape's descriptors: NHWC activations, an HWIO kernel (or a depthwise
+    (kh, kw, C, 1) one), and the kernel in the layout oneDNN picks for each primitive."""
+
+    def __init__(self, x_shape, kernel_shape, strides: int, padding: tuple, depthwise: bool):
         self.dnnl = dnnl = _dnnl()
         self.src = _nhwc(dnnl, x_shape)
-        self.dst = _nhwc(dnnl, _out_shape(x_shape, kernel_shape, strides, padding))
-        self.kernel = _hwio(dnnl, kernel_shape)
+        self.dst = _nhwc(dnnl, _out_shape(x_shape, kernel_shape, strides, padding, depthwise))
         kh, kw, cin, cout = kernel_shape
-        self.any_kernel = dnnl.desc([cout, cin, kh, kw])
+        if depthwise:
+            self.kernel = _hwc1(dnnl, kernel_shape)
+            self.any_kernel = dnnl.desc(_depthwise_dims(kernel_shape))
+        else:
+            self.kernel = _hwio(dnnl, kernel_shape)
+            self.any_kernel = dnnl.desc([cout, cin, kh, kw])
         (top, bottom), (left, right) = padding
         self.geometry = (_Dims(strides, strides), _Dims(0, 0), _Dims(top, left),
                          _Dims(bottom, right))
@@ -236,8 +252,9 @@ class _Convolution:
         post_ops, operands = dnnl.create(lib.dnnl_post_ops_create), []
         for i, (op, shape) in enumerate(epilogue):
             if op in _ELTWISE:
-                status = lib.dnnl_post_ops_append_eltwise(post_ops, _ELTWISE[op], ctypes.c_float(0),
-                                                          ctypes.c_float(0))
+                algorithm, alpha = _ELTWISE[op]
+                status = lib.dnnl_post_ops_append_eltwise(post_ops, algorithm,
+                                                          ctypes.c_float(alpha), ctypes.c_float(0))
             else:  # a (C,) operand broadcasts over the pixels
                 desc = _nhwc(dnnl, shape if len(shape) == 4 else (1, 1, 1, *shape))
                 status = lib.dnnl_post_ops_append_binary(post_ops, _BINARY[op], desc)
@@ -257,8 +274,9 @@ def _plan(build):
     """A cached plan builder: the plan's index in ``_PLANS`` per convolution shape (and the
     builder's further options)."""
     @functools.cache
-    def index(x_shape, kernel_shape, strides, padding, *options) -> int:
-        _PLANS.append(build(_Convolution(x_shape, kernel_shape, strides, padding), *options))
+    def index(x_shape, kernel_shape, strides, padding, depthwise, *options) -> int:
+        _PLANS.append(build(_Convolution(x_shape, kernel_shape, strides, padding, depthwise),
+                            *options))
         return len(_PLANS) - 1
     return index
 
@@ -316,28 +334,30 @@ def _call(plan: int, shape, *operands):
         *operands, plan=np.int64(plan))
 
 
-def _out_shape(x_shape, kernel_shape, strides, padding):
+def _out_shape(x_shape, kernel_shape, strides, padding, depthwise):
     (top, bottom), (left, right) = padding
     kh, kw, _, cout = kernel_shape
     return (x_shape[0], (x_shape[1] + top + bottom - kh) // strides + 1,
-            (x_shape[2] + left + right - kw) // strides + 1, cout)
+            (x_shape[2] + left + right - kw) // strides + 1, x_shape[3] if depthwise else cout)
 
 
-def forward(x, kernel, strides: int, padding: tuple, epilogue=()):
-    """The convolution of NHWC ``x`` by HWIO ``kernel``; ``padding`` is explicit:
-    ((top, bottom), (left, right)). ``epilogue`` is applied in order to the result, in the same
-    call: ("add", v) and ("mul", v) with ``v`` of shape (C,) or the output's, ("relu", None)."""
-    shape = (x.shape, kernel.shape, strides, padding)
+def forward(x, kernel, strides: int, padding: tuple, epilogue=(), depthwise: bool = False):
+    """The convolution of NHWC ``x`` by HWIO ``kernel`` (``depthwise``: by a (kh, kw, C, 1)
+    kernel, channel by channel); ``padding`` is explicit: ((top, bottom), (left, right)).
+    ``epilogue`` is applied in order to the result, in the same call: ("add", v) and
+    ("mul", v) with ``v`` of shape (C,) or the output's, then optionally ("relu", None) or
+    ("swish", None)."""
+    shape = (x.shape, kernel.shape, strides, padding, depthwise)
     plan = _forward_plan(*shape, tuple((op, v if v is None else v.shape) for op, v in epilogue))
     operands = [v for _, v in epilogue if v is not None]
     return _call(plan, _out_shape(*shape), x, kernel, *operands)
 
 
-def input_gradient(dy, kernel, x_shape, strides: int, padding: tuple):
-    return _call(_input_gradient_plan(x_shape, kernel.shape, strides, padding), x_shape, dy,
-                 kernel)
+def input_gradient(dy, kernel, x_shape, strides: int, padding: tuple, depthwise: bool = False):
+    return _call(_input_gradient_plan(x_shape, kernel.shape, strides, padding, depthwise),
+                 x_shape, dy, kernel)
 
 
-def kernel_gradient(x, dy, kernel_shape, strides: int, padding: tuple):
-    return _call(_kernel_gradient_plan(x.shape, kernel_shape, strides, padding), kernel_shape,
-                 x, dy)
+def kernel_gradient(x, dy, kernel_shape, strides: int, padding: tuple, depthwise: bool = False):
+    return _call(_kernel_gradient_plan(x.shape, kernel_shape, strides, padding, depthwise),
+                 kernel_shape, x, dy)

@@ -49,20 +49,20 @@ class ResNet50(nn.Module):
         if self.frozen > 0:
             x = lax.stop_gradient(x)
         # Keras' ZeroPadding2D(3) before the stem, as the convolution's own padding.
-        x = conv_bn("conv1", x.astype(self.dtype), 64, 7, 2, ((3, 3), (3, 3)), relu=True)
+        x = conv_bn("conv1", x.astype(self.dtype), 64, 7, 2, ((3, 3), (3, 3)), activation="relu")
         x = L.max_pool(L.zero_pad(x, ((1, 1), (1, 1))), 3, 2)
         for stage, filters, blocks, stride in STAGES:
             for i in range(1, blocks + 1):
                 name = f"{stage}_block{i}"
                 s = stride if i == 1 else 1
-                y = conv_bn(name + "_1", x, filters, 1, s, relu=True)
-                y = conv_bn(name + "_2", y, filters, 3, 1, "SAME", relu=True)
+                y = conv_bn(name + "_1", x, filters, 1, s, activation="relu")
+                y = conv_bn(name + "_2", y, filters, 3, 1, "SAME", activation="relu")
                 if i == 1:  # built in Keras' layer order: 0_conv, 3_conv, 0_bn, 3_bn
                     conv0 = conv(name + "_0_conv", 4 * filters, 1, s)
                     conv3 = conv(name + "_3_conv", 4 * filters, 1)
                     bn0, bn3 = bn(name + "_0_bn"), bn(name + "_3_bn")
                     shortcut = L.conv_bn(conv0, bn0, x, train)
-                    x = L.conv_bn(conv3, bn3, y, train, residual=shortcut, relu=True)
+                    x = L.conv_bn(conv3, bn3, y, train, residual=shortcut, activation="relu")
                 else:
-                    x = conv_bn(name + "_3", y, 4 * filters, 1, residual=x, relu=True)
+                    x = conv_bn(name + "_3", y, 4 * filters, 1, residual=x, activation="relu")
         return x
