@@ -115,6 +115,7 @@ def _onednn_runs(x, kernel) -> bool:
 
 def _onednn_call(x, kernel, strides: int, padding: Pad, epilogue: Epilogue, ops: tuple,
                  depthwise: bool):
+    """``_onednn_conv`` with explicit padding, operands and kernel varying as ``x`` does."""
     kh, kw = kernel.shape[:2]
     operands = tuple(_varying_like(v, x) for _, v in epilogue if v is not None)
     return _onednn_conv(x, _varying_like(kernel, x), operands, strides,
@@ -165,7 +166,7 @@ def _epilogue_gradients(ops: tuple, operands: tuple, y, dy, convolution):
         g = jnp.where(y > 0, dy, 0.0)
     elif ops[-1:] == ("swish",):
         before = apply_epilogue(convolution(), tuple(zip(arithmetic, operands)))
-        g = jax.vjp(jax.nn.silu, before)[1](dy)[0]
+        g = jax.vjp(_ACTIVATIONS["swish"], before)[1](dy)[0]
     grads = list(operands)
     for i in reversed(range(len(arithmetic))):
         v = operands[i]
