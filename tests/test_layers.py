@@ -275,6 +275,15 @@ def test_epilogue_refuses_other_steps(steps):
         layers.conv2d(x, kernel, 1, "VALID", steps)
 
 
+def test_relu_gradient_matches_jax():
+    """The ReLU's gradient, masked by its output, is JAX's own, bit for bit (zeros included)."""
+    x = jnp.asarray([-2.0, -0.0, 0.0, 1e-30, 3.0, -1e-30, 7.5], jnp.float32)
+    ours = jax.grad(lambda x: jnp.sum(jnp.sin(3 * layers.relu(x))))(x)
+    theirs = jax.grad(lambda x: jnp.sum(jnp.sin(3 * jax.nn.relu(x))))(x)
+    assert (layers.relu(x) == jax.nn.relu(x)).all() and (ours == theirs).all()
+    assert (ours[jnp.array([0, 1, 2, 5])] == 0).all() and (ours[jnp.array([3, 4, 6])] != 0).all()
+
+
 class ConvBN(layers.nn.Module):
     residual: bool = False
 

@@ -68,7 +68,25 @@ def _freeze(x, frozen: bool):
 Epilogue = Sequence[tuple[str, jax.Array | None]]
 
 
-_ACTIVATIONS = {"relu": jax.nn.relu, "swish": jax.nn.silu}
+@jax.custom_vjp
+def _relu(x):
+    """ReLU with the gradient masked by its output (``y > 0``, the same mask as ``x > 0``): the
+    backward pass reads the stored output, where XLA re-derived the input of every ReLU on
+    ResNet50's residual stream from the block convolutions before it (train step 1.03-1.04x)."""
+    return jnp.maximum(x, jnp.zeros((), x.dtype))
+
+
+def _relu_fwd(x):
+    y = _relu(x)
+    return y, y
+
+
+def _relu_bwd(y, dy):
+    return (jnp.where(y > 0, dy, jnp.zeros((), dy.dtype)),)
+
+
+_relu.defvjp(_relu_fwd, _relu_bwd)
+_ACTIVATIONS = {"relu": _relu, "swish": jax.nn.silu}
 
 
 def apply_epilogue(y, epilogue: Epilogue):
