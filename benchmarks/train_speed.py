@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -154,20 +155,20 @@ def run_peer(peer: str, models: list[str], modes: list[str], a) -> list[dict]:
 
 
 def summary(ours: list[dict], peers: list[dict]) -> dict:
-    """fracture_jax images/s over the best peer's, per model and mode."""
-    rows = {}
+    """Per model and mode: each framework's images/s (the median over rounds) and fracture_jax's
+    over the best peer's."""
     back = {v: k for names in PEER_NAMES.values() for k, v in names.items()}
     modes = {v: k for k, v in PEER_MODES.items()}
-    for r in ours:
-        best = [p for p in peers if p.get("img_per_s_median")
-                and back.get(p["model"], p["model"]) == r["model"]
-                and modes.get(p["mode"], p["mode"]) == r["mode"]]
-        peer = max(best, key=lambda p: p["img_per_s_median"], default=None)
-        rows[f"{r['model']}/{r['mode']}"] = {
-            "fracture_jax": round(r["img_per_s_median"], 3),
-            **{p["framework"]: round(p["img_per_s_median"], 3) for p in best},
-            "ratio_to_best_peer": round(r["img_per_s_median"] / peer["img_per_s_median"], 3)
-            if peer else None}
+    speeds = {}
+    for r in ours + [p for p in peers if p.get("img_per_s_median")]:
+        key = f"{back.get(r['model'], r['model'])}/{modes.get(r['mode'], r['mode'])}"
+        speeds.setdefault(key, {}).setdefault(r["framework"], []).append(r["img_per_s_median"])
+    rows = {}
+    for key, by_framework in speeds.items():
+        median = {f: round(statistics.median(v), 3) for f, v in by_framework.items()}
+        best_peer = max((v for f, v in median.items() if f != "fracture_jax"), default=None)
+        rows[key] = {**median, "ratio_to_best_peer": round(median["fracture_jax"] / best_peer, 3)
+                     if best_peer else None}
     return {"summary": rows}
 
 
@@ -179,6 +180,8 @@ def main():
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--vgg-train-batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat every measurement; the summary gives medians over rounds")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--peers", default="", help="comma-separated: torch, keras")
     p.add_argument("--peers-dir", default="../shared/bench/peers")
@@ -187,13 +190,15 @@ def main():
     p.add_argument("--peers-env", default=os.environ.get("PEERS", "~/.cache/fracture_peers"))
     a = p.parse_args()
     models, modes = a.models.split(","), a.modes.split(",")
-    ours = []
-    for name in models:
-        for mode in modes:
-            batch = a.vgg_train_batch if name == "vgg16" and mode != "infer" else a.batch
-            ours.append(bench(name, mode, a.size, batch, a.steps, a.dtype))
-            print(json.dumps(ours[-1]), flush=True)
-    peers = [r for peer in filter(None, a.peers.split(",")) for r in run_peer(peer, models, modes, a)]
+    ours, peers = [], []
+    for _ in range(a.rounds):
+        for name in models:  # each model's frameworks back to back: the machine drifts
+            for mode in modes:
+                batch = a.vgg_train_batch if name == "vgg16" and mode != "infer" else a.batch
+                ours.append(bench(name, mode, a.size, batch, a.steps, a.dtype))
+                print(json.dumps(ours[-1]), flush=True)
+            for peer in filter(None, a.peers.split(",")):
+                peers += run_peer(peer, [name], modes, a)
     if peers:
         print(json.dumps(summary(ours, peers)), flush=True)
 
