@@ -181,7 +181,7 @@ def _epilogue_gradients(ops: tuple, operands: tuple, y, dy, convolution):
     arithmetic = [op for op in ops if op not in _ACTIVATIONS]
     g = dy
     if ops[-1:] == ("relu",):
-        g = jnp.where(y > 0, dy, 0.0)
+        (g,) = _relu_bwd(y, dy)
     elif ops[-1:] == ("swish",):
         before = apply_epilogue(convolution(), tuple(zip(arithmetic, operands)))
         g = jax.vjp(_ACTIVATIONS["swish"], before)[1](dy)[0]
