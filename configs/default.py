@@ -57,6 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
     t.log_every = 10  # steps between progress lines
     t.checkpoint_every = 200  # steps between mid-epoch checkpoints (0: only at epoch ends)
     t.steps_per_epoch = -1  # -1: one pass over the train split
+    t.cache_features = "auto"  # backbone wholly frozen and no augmentation: train the head on
+    # features computed once. auto: where that changes nothing; force: also EfficientNet, whose
+    # drop-connect then stays off in training; off
 
     c.eval = e = ml_collections.ConfigDict()
     e.after_train = True  # --mode=train ends with --mode=eval's report

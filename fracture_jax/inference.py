@@ -34,17 +34,30 @@ def make_forward(model, mesh, flip: bool = False):
                                  out_specs=P(parallel.AXIS)))
 
 
+def mesh_multiple(batch_size: int, mesh) -> int:
+    """``batch_size`` rounded up to a multiple of the mesh's device count."""
+    return math.ceil(batch_size / mesh.size) * mesh.size
+
+
 def predict(forward, variables, source, image_size: int, batch_size: int, mesh,
             num_workers: int = 0, prefetch: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """(logits, labels) of every example of ``source`` once, in order. The batch is rounded up
     to a multiple of the device count; padding is masked out."""
-    batch_size = math.ceil(batch_size / mesh.size) * mesh.size
-    logits, labels = [], []
+    batch_size = mesh_multiple(batch_size, mesh)
     batches = iter(eval_dataset(source, image_size, batch_size, num_workers, prefetch))
+    try:
+        return predict_batches(forward, variables, batches, mesh)
+    finally:
+        batches.close()
+
+
+def predict_batches(forward, variables, batches, mesh) -> tuple[np.ndarray, np.ndarray]:
+    """(outputs, labels) of ``forward`` over ``{"image", "label", "mask"}`` batches whose size
+    splits over the mesh, the masked-out padding dropped."""
+    outputs, labels = [], []
     for batch in batches:
         images = parallel.shard_batch({"image": batch["image"]}, mesh)["image"]
         out = np.asarray(jax.device_get(forward(variables, images)))
-        logits.append(out[batch["mask"]])
+        outputs.append(out[batch["mask"]])
         labels.append(batch["label"][batch["mask"]])
-    batches.close()
-    return np.concatenate(logits), np.concatenate(labels)
+    return np.concatenate(outputs), np.concatenate(labels)

@@ -22,7 +22,7 @@ from absl import logging
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from fracture_jax import parallel
+from fracture_jax import feature_cache, parallel
 from fracture_jax.checkpoint import RunCheckpoints
 from fracture_jax.data import dataset
 from fracture_jax.data.pipeline import Augment, train_dataset
@@ -206,7 +206,9 @@ class PhaseProgram:
     lr: Any
     frozen_names: frozenset
     train_step: Any
-    forward: Any
+    forward: Any  # images -> logits
+    cached: bool  # the steps take cached backbone features (feature_cache)
+    head_forward: Any  # cached features -> logits (None unless cached)
 
     def init_opt_state(self, params):
         return self.tx.init(split_params(params, self.frozen_names)[0])
@@ -218,9 +220,11 @@ def compile_phase(config, phase: Phase, layers: tuple, rescaling: bool, steps_pe
     lr = learning_rate_fn(config, steps_per_epoch, phase.lr_scale)
     tx = make_optimizer(config, lr)
     frozen_names = frozenset(layers[:phase.frozen])
+    cached = feature_cache.applies(config, phase.frozen, len(layers))
+    head = model.clone(pooled_inputs=True) if cached else None
     return PhaseProgram(phase, model, tx, lr, frozen_names,
-                        make_train_step(model, tx, mesh, frozen_names, config),
-                        make_forward(model, mesh))
+                        make_train_step(head or model, tx, mesh, frozen_names, config),
+                        make_forward(model, mesh), cached, head and make_forward(head, mesh))
 
 
 # ---------------------------------------------------------------- the loop
@@ -286,8 +290,22 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     rng = jax.random.key(config.seed)
     variables, rescaling = initial_variables(config, rng)
     aug = Augment.from_config(config.data.augment)
-    train_iter = iter(train_dataset(sources["train"], config.model.image_size, batch, config.seed,
-                                    aug, config.data.num_workers, config.data.prefetch))
+    cache = None
+
+    def train_stream(program):
+        """The phase's train batches, continuing the stream where the phase before ended."""
+        nonlocal cache
+        skip = program.phase.first_epoch * steps_per_epoch
+        if not program.cached:
+            return iter(train_dataset(sources["train"], config.model.image_size, batch,
+                                      config.seed, aug, config.data.num_workers,
+                                      config.data.prefetch, skip))
+        logging.info("phase %d trains the head on cached backbone features (backbone frozen, "
+                     "no augmentation)", program.phase.index)
+        if cache is None:  # no phase trains the backbone before a cached one: use the initial
+            cache = feature_cache.FeatureCache.compute(program.model, variables, sources, config, mesh)
+        return iter(cache.train_dataset(batch, config.seed, skip))
+
     minimise = config.train.early_stop_metric.endswith("loss")
     ckpt = RunCheckpoints(workdir, config.train.early_stop_metric, "min" if minimise else "max")
 
@@ -297,6 +315,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     meta = resumed or meta
     program = compile_phase(config, plan[meta["phase"]], layers, rescaling, steps_per_epoch,
                             mesh)
+    train_iter = train_stream(program)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                        batch_stats=variables.get("batch_stats", {}),
                        opt_state=program.init_opt_state(variables["params"]))
@@ -321,6 +340,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
             state = parallel.replicate(host.replace(
                 opt_state=program.init_opt_state(host.params)), mesh)
             meta["phase"] = phase.index
+            train_iter.close()
+            train_iter = train_stream(program)
         progress = _Progress(epoch, config.train.epochs, steps_per_epoch, batch,
                              config.train.log_every)
         global_step = int(state.step)  # kept on the host from here: no device sync per step
@@ -350,7 +371,11 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
 
         metrics = {"epoch": epoch + 1, "lr": float(program.lr(global_step - 1))}
         metrics |= epoch_metrics(meta["acc_logits"], meta["acc_labels"], "train")
-        val_logits, val_labels = _predict(program, state, sources["val"], config, mesh)
+        if program.cached:
+            val_logits, val_labels = cache.val_logits(program.head_forward, state.variables,
+                                                      batch, mesh)
+        else:
+            val_logits, val_labels = _predict(program, state, sources["val"], config, mesh)
         metrics |= epoch_metrics(val_logits, val_labels, "val")
         logging.info("epoch %d: %s", epoch + 1,
                      ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "epoch"))

@@ -9,7 +9,8 @@ from PIL import Image
 
 from fracture_jax.data.builder import data_sources, prepare
 from fracture_jax.data.decode import DecodeError, decode, to_array
-from fracture_jax.data.pipeline import Augment, eval_dataset, train_dataset
+from fracture_jax.data.pipeline import (Augment, cached_train_dataset, eval_dataset, example_at,
+                                        train_dataset)
 from fracture_jax.data.scan import find_layout, scan_folder
 from fracture_jax.data.synthetic import phantom, write_phantoms
 from fracture_jax.errors import UserError
@@ -256,3 +257,23 @@ def test_phantoms_are_deterministic(tmp_path):
     assert len([f for f in files_a if f.parts[0] == "train"]) == 8
     c = write_phantoms(tmp_path / "c", per_class=4, size=48, seed=8)
     assert (c / files_a[0]).read_bytes() != (a / files_a[0]).read_bytes()
+
+
+@pytest.mark.parametrize("skip", [0, 4])
+def test_skipped_batches_continue_the_same_stream(sources, skip):
+    """A later phase's stream (``skip_batches``) is the rest of the phase before's, augmentation
+    included, and the cached-feature stream follows it example for example."""
+    aug = Augment(rotate_deg=15, zoom=0.2)
+    whole = _take(iter(train_dataset(sources["train"], 32, 8, seed=2, aug=aug)), skip + 3)
+    later = _take(iter(train_dataset(sources["train"], 32, 8, seed=2, aug=aug,
+                                     skip_batches=skip)), 3)
+    for x, y in zip(whole[skip:], later):
+        assert np.array_equal(x["image"], y["image"]) and np.array_equal(x["label"], y["label"])
+    src = sources["train"]
+    features = np.stack([example_at(src, i, 32)[0].ravel() for i in range(len(src))])
+    labels = np.array([int(src[i]["label"]) for i in range(len(src))], np.int32)
+    plain = _take(iter(train_dataset(src, 32, 8, seed=2, skip_batches=skip)), 5)
+    cached = _take(iter(cached_train_dataset(features, labels, 8, seed=2, skip_batches=skip)), 5)
+    for x, y in zip(plain, cached):
+        assert np.array_equal(x["image"].reshape(8, -1), y["image"])
+        assert np.array_equal(x["label"], y["label"])

@@ -21,8 +21,8 @@ from fracture_jax.train import train_and_evaluate
 STEPS_PER_EPOCH, EPOCHS = 3, 3  # 24 phantom train images, batch 8
 
 
-def _command(workdir, root):
-    overrides = {"model.name": "smallcnn", "model.image_size": 32, "data.root": root,
+def _command(workdir, root, extra):
+    overrides = extra | {"model.name": "smallcnn", "model.image_size": 32, "data.root": root,
                  "data.num_workers": 1, "train.batch_size": 8, "train.epochs": EPOCHS,
                  "train.patience": 9, "train.checkpoint_every": 1, "train.log_every": 1,
                  "optimizer.lr": 3e-3}
@@ -30,8 +30,8 @@ def _command(workdir, root):
             f"--workdir={workdir}", "--mode=train"] + [f"--config.{k}={v}" for k, v in overrides.items()]
 
 
-def _run(workdir, root, kill_at_step=None):
-    proc = subprocess.Popen(_command(workdir, root), cwd=REPO, stderr=subprocess.PIPE, text=True,
+def _run(workdir, root, extra, kill_at_step=None):
+    proc = subprocess.Popen(_command(workdir, root, extra), cwd=REPO, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     log = []
     for line in proc.stderr:
@@ -54,14 +54,25 @@ def _best_state(workdir):
     return restored.state
 
 
-def test_sigkill_at_random_step_then_resume_is_bitwise_identical(phantom_root, tmp_path):
+# The second run trains its first epoch's head on cached backbone features, then unfreezes:
+# killed mid-way through the cached phase, it resumes there and then continues the image stream.
+CACHED_HEAD_PHASE = {"train.head_epochs": 1, "data.augment.flip": False,
+                     **{f"data.augment.{k}": 0.0
+                        for k in ("rotate_deg", "zoom", "brightness", "contrast")}}
+
+
+@pytest.mark.parametrize("extra, kill_at", [
+    ({}, random.Random().randint(2, STEPS_PER_EPOCH * EPOCHS - 1)),
+    (CACHED_HEAD_PHASE, 2)], ids=["images", "cached-head-phase"])
+def test_sigkill_at_a_step_then_resume_is_bitwise_identical(phantom_root, tmp_path, extra,
+                                                            kill_at):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    rc, log = _run(straight, phantom_root)
+    rc, log = _run(straight, phantom_root, extra)
     assert rc == 0, log[-3000:]
-    kill_at = random.Random().randint(2, STEPS_PER_EPOCH * EPOCHS - 1)
-    rc, log = _run(killed, phantom_root, kill_at_step=kill_at)
+    assert ("cached backbone features" in log) == bool(extra)
+    rc, log = _run(killed, phantom_root, extra, kill_at_step=kill_at)
     assert rc == -signal.SIGKILL, f"not killed at step {kill_at}: {log[-2000:]}"
-    rc, log = _run(killed, phantom_root)
+    rc, log = _run(killed, phantom_root, extra)
     # From the first traceback: grain's teardown warnings at exit can fill the log's tail.
     start = log.find("Traceback")
     assert rc == 0, (f"resume after a kill at step {kill_at}: "

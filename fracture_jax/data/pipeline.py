@@ -77,21 +77,59 @@ def _iterate(ds: grain.MapDataset, num_workers: int, prefetch: int) -> grain.Ite
     return it
 
 
+def _train_stream(ds: grain.MapDataset, transform, seed: int, batch_size: int,
+                  skip_batches: int, random: bool = False) -> grain.MapDataset:
+    """This host's shard of ``ds``, shuffled anew each epoch, endless, ``transform``-ed and
+    batched, from batch ``skip_batches`` on."""
+    local = batch_size // jax.process_count()
+    ds = _host_shard(ds).seed(seed).shuffle().repeat()
+    ds = ds.random_map(transform) if random else ds.map(transform)
+    return ds[skip_batches * local:].batch(local, drop_remainder=True)
+
+
 def train_dataset(source, image_size: int, batch_size: int, seed: int,
                   aug: Augment | None = None, num_workers: int = 0,
-                  prefetch: int = 2) -> grain.IterDataset:
+                  prefetch: int = 2, skip_batches: int = 0) -> grain.IterDataset:
     """Endless shuffled, augmented batches of ``batch_size // process_count`` examples.
 
     Each epoch is shuffled anew; every random choice derives from ``seed`` and the position in
     the stream, so the stream is the same in every run and its iterator state can be saved.
+    ``skip_batches`` starts it later (a training phase continues where the one before ended).
     """
-    ds = _host_shard(grain.MapDataset.source(source)).seed(seed).shuffle().repeat()
     if aug is None:
-        ds = ds.map(functools.partial(_plain_example, size=image_size))
+        transform, random = functools.partial(_plain_example, size=image_size), False
     else:
-        ds = ds.random_map(functools.partial(_train_example, size=image_size, aug=aug))
-    ds = ds.batch(batch_size // jax.process_count(), drop_remainder=True)
+        transform, random = functools.partial(_train_example, size=image_size, aug=aug), True
+    ds = _train_stream(grain.MapDataset.source(source), transform, seed, batch_size,
+                       skip_batches, random)
     return _iterate(ds, num_workers, prefetch)
+
+
+@dataclasses.dataclass(frozen=True)
+class _CachedExample:
+    features: np.ndarray  # (examples, C): one row per example of the source, in its order
+    labels: np.ndarray
+
+    def __call__(self, index):
+        return {"image": self.features[index], "label": self.labels[index]}
+
+
+def cached_train_dataset(features: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
+                         skip_batches: int = 0) -> grain.IterDataset:
+    """``train_dataset``'s stream without augmentation, example for example in the same order,
+    with each example's precomputed backbone features (a row of ``features``) as its "image"."""
+    ds = _train_stream(grain.MapDataset.range(len(features)), _CachedExample(features, labels),
+                       seed, batch_size, skip_batches)
+    return ds.to_iter_dataset()
+
+
+def cached_eval_batches(features: np.ndarray, labels: np.ndarray, batch_size: int):
+    """``eval_dataset``'s batches (in order, the last zero-padded, ``mask`` marking real
+    examples) over precomputed backbone features."""
+    for start in range(0, len(features), batch_size):
+        rows = range(start, min(start + batch_size, len(features)))
+        yield _pad_batch([{"image": features[i], "label": labels[i], "mask": np.bool_(True)}
+                          for i in rows], batch_size)
 
 
 def _pad_batch(examples, batch_size: int):

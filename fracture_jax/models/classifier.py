@@ -14,6 +14,8 @@ class FractureClassifier(nn.Module):
     With ``include_head`` the seed's head follows the pooling: dropout, then one dense unit
     (``fracture_logit``) whose sigmoid is the probability of *fractured*. ``frozen`` counts
     leading backbone layers with weights, in Keras order (a large number freezes them all).
+    With ``pooled_inputs`` the inputs are already pooled backbone features (N, C): only the
+    head runs (training on cached features).
     """
 
     model: str = "efficientnetb2"
@@ -21,6 +23,7 @@ class FractureClassifier(nn.Module):
     dropout_rate: float = 0.2
     frozen: int = 0
     imagenet_rescaling: bool = False
+    pooled_inputs: bool = False
     axis_name: str | None = None
     dtype: jnp.dtype = jnp.float32
 
@@ -32,8 +35,12 @@ class FractureClassifier(nn.Module):
 
     @nn.compact
     def __call__(self, images, train: bool = False, return_maps: bool = False):
-        maps = self.perturb("maps", self.backbone()(images, train))  # d(logit)/d(maps): Grad-CAM
-        feats = L.global_avg_pool(maps)
+        if self.pooled_inputs:
+            feats, maps = images, None
+        else:
+            # marked, so that d(logit)/d(maps) is a perturbation's gradient (Grad-CAM)
+            maps = self.perturb("maps", self.backbone()(images, train))
+            feats = L.global_avg_pool(maps)
         if not self.include_head:
             return (feats, maps) if return_maps else feats
         x = nn.Dropout(self.dropout_rate, name="head_dropout")(feats, deterministic=not train)

@@ -46,6 +46,8 @@ class ModelSpec:
     keras_class: str | None = None  # its keras.applications constructor (None: not in Keras)
     keras_preprocess: str | None = None  # keras.applications module whose preprocess_input
     # the Keras model expects on RGB 0-255 (None: it takes RGB 0-255 itself)
+    drops_paths: bool = False  # the backbone drops residual paths at random in training, even
+    # when frozen (EfficientNet's drop-connect, as in Keras)
 
 
 def _effnet(variant: str) -> ModelSpec:
@@ -57,7 +59,8 @@ def _effnet(variant: str) -> ModelSpec:
         build=lambda **kw: EfficientNet(variant=variant, **kw),
         notop=WeightsFile(f"{name}_notop.h5", f"{base}{name}_notop.h5", notop_md5),
         top=WeightsFile(f"{name}.h5", f"{base}{name}.h5", top_md5),
-        top_layers=("predictions",), keras_class=f"EfficientNet{variant.upper()}")
+        top_layers=("predictions",), keras_class=f"EfficientNet{variant.upper()}",
+        drops_paths=True)
 
 
 def _published(folder: str, stem: str, top_md5: str, notop_md5: str):
