@@ -292,7 +292,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     aug = Augment.from_config(config.data.augment)
     cache = None
 
-    def train_stream(program):
+    def train_stream(program, variables):
         """The phase's train batches, continuing the stream where the phase before ended."""
         nonlocal cache
         skip = program.phase.first_epoch * steps_per_epoch
@@ -302,8 +302,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                                       config.data.prefetch, skip))
         logging.info("phase %d trains the head on cached backbone features (backbone frozen, "
                      "no augmentation)", program.phase.index)
-        if cache is None:  # no phase trains the backbone before a cached one: use the initial
-            cache = feature_cache.FeatureCache.compute(program.model, variables, sources, config, mesh)
+        if cache is None:  # no phase before a cached one trains the backbone
+            cache = feature_cache.FeatureCache.compute(program.model, variables, sources, config,
+                                                       mesh)
         return iter(cache.train_dataset(batch, config.seed, skip))
 
     minimise = config.train.early_stop_metric.endswith("loss")
@@ -315,10 +316,10 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     meta = resumed or meta
     program = compile_phase(config, plan[meta["phase"]], layers, rescaling, steps_per_epoch,
                             mesh)
-    train_iter = train_stream(program)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                        batch_stats=variables.get("batch_stats", {}),
                        opt_state=program.init_opt_state(variables["params"]))
+    train_iter = train_stream(program, state.variables)  # a cached phase's backbone: the initial
     if resumed is not None:
         state, meta = ckpt.restore_latest(state, train_iter)
         logging.info("resumed from %s at step %d (epoch %d)", ckpt.latest.directory,
@@ -341,7 +342,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                 opt_state=program.init_opt_state(host.params)), mesh)
             meta["phase"] = phase.index
             train_iter.close()
-            train_iter = train_stream(program)
+            train_iter = train_stream(program, state.variables)
         progress = _Progress(epoch, config.train.epochs, steps_per_epoch, batch,
                              config.train.log_every)
         global_step = int(state.step)  # kept on the host from here: no device sync per step

@@ -37,6 +37,7 @@ def test_when_features_are_cached():
 def _train(phantom_root, workdir, cache):
     config = tiny_config(**NO_AUGMENTATION, **{
         "data.root": str(phantom_root), "data.num_workers": 0, "train.epochs": 3,
+        "model.image_size": 48,
         "train.patience": 5, "train.head_epochs": 2, "train.freeze": "none",
         "train.cache_features": cache, "model.dropout": 0.3, "optimizer.name": "adam",
         "optimizer.lr": 1e-2})
