@@ -207,8 +207,11 @@ class PhaseProgram:
     frozen_names: frozenset
     train_step: Any
     forward: Any  # images -> logits
-    cached: bool  # the steps take cached backbone features (feature_cache)
-    head_forward: Any  # cached features -> logits (None unless cached)
+    head_forward: Any  # pooled backbone features -> logits, when the steps take cached ones
+
+    @property
+    def cached(self) -> bool:
+        return self.head_forward is not None
 
     def init_opt_state(self, params):
         return self.tx.init(split_params(params, self.frozen_names)[0])
@@ -220,11 +223,11 @@ def compile_phase(config, phase: Phase, layers: tuple, rescaling: bool, steps_pe
     lr = learning_rate_fn(config, steps_per_epoch, phase.lr_scale)
     tx = make_optimizer(config, lr)
     frozen_names = frozenset(layers[:phase.frozen])
-    cached = feature_cache.applies(config, phase.frozen, len(layers))
-    head = model.clone(pooled_inputs=True) if cached else None
+    head = (model.clone(pooled_inputs=True)
+            if feature_cache.applies(config, phase.frozen, len(layers)) else None)
     return PhaseProgram(phase, model, tx, lr, frozen_names,
                         make_train_step(head or model, tx, mesh, frozen_names, config),
-                        make_forward(model, mesh), cached, head and make_forward(head, mesh))
+                        make_forward(model, mesh), head and make_forward(head, mesh))
 
 
 # ---------------------------------------------------------------- the loop
@@ -292,7 +295,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     aug = Augment.from_config(config.data.augment)
     cache = None
 
-    def train_stream(program, variables):
+    def train_stream(program, weights):
         """The phase's train batches, continuing the stream where the phase before ended."""
         nonlocal cache
         skip = program.phase.first_epoch * steps_per_epoch
@@ -303,7 +306,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         logging.info("phase %d trains the head on cached backbone features (backbone frozen, "
                      "no augmentation)", program.phase.index)
         if cache is None:  # no phase before a cached one trains the backbone
-            cache = feature_cache.FeatureCache.compute(program.model, variables, sources, config,
+            cache = feature_cache.FeatureCache.compute(program.model, weights, sources, config,
                                                        mesh)
         return iter(cache.train_dataset(batch, config.seed, skip))
 
