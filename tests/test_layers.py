@@ -13,7 +13,7 @@ import pytest
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from fracture_jax.models import layers, onednn
+from fracture_jax.models import layers, onednn, winograd
 
 CASES = [(13, 11, 3, 1, "SAME"), (13, 12, 3, 2, "SAME"), (14, 14, 5, 2, "SAME"),
          (9, 10, 5, 1, "VALID"), (16, 16, 3, 2, ((0, 1), (0, 1))), (17, 15, 5, 2, "VALID")]
@@ -337,3 +337,57 @@ def test_tiled_max_pool_matches_reduce_window(shape):
     dy = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
     assert "reduce_window" not in str(jax.make_jaxpr(lambda x: layers.max_pool(x, 2, 2))(x))
     assert (got == want).all() and (got_vjp(dy)[0] == want_vjp(dy)[0]).all()
+
+
+@pytest.mark.parametrize("h,w", [(8, 8), (7, 9), (1, 2)])
+def test_winograd_value_and_input_gradient_match_xla(h, w):
+    """F(2x2, 3x3) on even and odd sides (the last tile cut off): the value, and the input
+    gradient as a convolution by the turned, transposed kernel."""
+    rng = np.random.default_rng(h * w)
+    x = jnp.asarray(rng.standard_normal((2, h, w, 5)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 5, 4)), jnp.float32)
+    assert relative(jax.jit(winograd.conv3x3)(x, kernel), xla_conv(x, kernel, 1, "SAME")) < 1e-6
+    dy = jnp.asarray(rng.standard_normal((2, h, w, 4)), jnp.float32)
+    _, vjp = jax.vjp(lambda x: xla_conv(x, kernel, 1, "SAME"), x)
+    assert relative(jax.jit(winograd.input_gradient)(dy, kernel), vjp(dy)[0]) < 1e-6
+
+
+def test_winograd_takes_the_wide_layers_only():
+    """VGG16's block 4 at 260 px (and 224 px) in either direction; not its blocks 3 and 5,
+    ResNet50's 3x3 layers, strided or unpadded layers."""
+    same = ((1, 1), (1, 1))
+    assert winograd.pays((32, 32, 32, 512), (3, 3, 512, 512), 1, same)
+    assert winograd.pays((8, 28, 28, 256), (3, 3, 256, 512), 1, same)
+    assert winograd.pays((8, 32, 32, 512), (3, 3, 512, 256), 1, same)  # its input gradient
+    for x_shape, kernel_shape in [((32, 65, 65, 256), (3, 3, 256, 256)),
+                                  ((32, 16, 16, 512), (3, 3, 512, 512)),
+                                  ((32, 17, 17, 256), (3, 3, 256, 256)),
+                                  ((32, 33, 33, 128), (3, 3, 128, 128))]:
+        assert not winograd.pays(x_shape, kernel_shape, 1, same)
+    assert not winograd.pays((32, 64, 64, 512), (3, 3, 512, 512), 2, same)
+    assert not winograd.pays((32, 64, 64, 512), (3, 3, 512, 512), 1, ((0, 0), (0, 0)))
+
+
+def test_winograd_layer_in_the_onednn_path_matches_xla():
+    """A layer ``winograd.pays`` for, with a bias and a ReLU: Winograd's forward and input
+    gradient and oneDNN's kernel gradient (its one custom call) match XLA's."""
+    if not onednn.available():
+        pytest.skip("oneDNN's library is installed on x86-64 Linux only")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((1, 24, 25, 256)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 256, 512)) / 48, jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(512), jnp.float32)
+    assert winograd.pays(x.shape, kernel.shape, 1, ((1, 1), (1, 1)))
+
+    def ours(x, kernel, bias):
+        return layers.conv2d(x, kernel, 1, "SAME", (("add", bias), ("relu", None)))
+
+    def reference(x, kernel, bias):
+        return jax.nn.relu(xla_conv(x, kernel, 1, "SAME") + bias)
+
+    grad = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(ours(*a))), (0, 1, 2)))
+    assert str(jax.make_jaxpr(grad)(x, kernel, bias)).count("ffi_call") == 1
+    assert relative(jax.jit(ours)(x, kernel, bias), reference(x, kernel, bias)) < 1e-6
+    want = jax.grad(lambda *a: jnp.sum(jnp.sin(reference(*a))), (0, 1, 2))(x, kernel, bias)
+    for g, r in zip(grad(x, kernel, bias), want):
+        assert g.shape == r.shape and relative(g, r) < 1e-5

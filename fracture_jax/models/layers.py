@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fracture_jax.models import onednn
+from fracture_jax.models import onednn, winograd
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
 _PORTABLE = contextvars.ContextVar("portable", default=False)
@@ -144,12 +144,20 @@ def _onednn_call(x, kernel, strides: int, padding: Pad, epilogue: Epilogue, ops:
 def _onednn_conv(x, kernel, operands: tuple, strides: int, padding: tuple, ops: tuple,
                  depthwise: bool):
     """oneDNN's convolution (``models/onednn.py``), dense or depthwise, and epilogue ``ops`` on
-    ``operands``. The gradients are oneDNN's too, but for a dense 1x1 kernel's: the 2-D
-    matmuls of ``_pointwise`` (with oneDNN's 1x1 input gradient EfficientNetB2's full step ran
-    at 4.95 images/s, with the matmuls at 7.95)."""
+    ``operands``; Winograd's for the wide 3x3 layers where it is faster (``_forward``). The
+    gradients are oneDNN's too, but for a dense 1x1 kernel's: the 2-D matmuls of
+    ``_pointwise`` (with oneDNN's 1x1 input gradient EfficientNetB2's full step ran at 4.95
+    images/s, with the matmuls at 7.95), and Winograd's input gradient where it pays."""
     steps = iter(operands)
     epilogue = tuple((op, None if op in _ACTIVATIONS else next(steps)) for op in ops)
-    return _varying_like(onednn.forward(x, kernel, strides, padding, epilogue, depthwise), x)
+    return _varying_like(_forward(x, kernel, strides, padding, epilogue, depthwise), x)
+
+
+def _forward(x, kernel, strides: int, padding: tuple, epilogue: Epilogue, depthwise: bool):
+    """Winograd's convolution and the epilogue where ``winograd.pays``, else oneDNN's."""
+    if not depthwise and winograd.pays(x.shape, kernel.shape, strides, padding):
+        return apply_epilogue(winograd.conv3x3(x, kernel), epilogue)
+    return onednn.forward(x, kernel, strides, padding, epilogue, depthwise)
 
 
 def _onednn_conv_fwd(x, kernel, operands, strides, padding, ops, depthwise):
@@ -160,11 +168,13 @@ def _onednn_conv_fwd(x, kernel, operands, strides, padding, ops, depthwise):
 def _onednn_conv_bwd(strides, padding, ops, depthwise, saved, dy):
     x, kernel, operands, y = saved
     dz, doperands = _epilogue_gradients(
-        ops, operands, y, dy, lambda: onednn.forward(x, kernel, strides, padding, (), depthwise))
+        ops, operands, y, dy, lambda: _forward(x, kernel, strides, padding, (), depthwise))
     if kernel.shape[:2] == (1, 1) and not depthwise:
         dx, dkernel = jax.vjp(lambda x, kernel: _pointwise(x, kernel, strides), x, kernel)[1](dz)
-    else:
-        dx = onednn.input_gradient(dz, kernel, x.shape, strides, padding, depthwise)
+    else:  # (winograd.pays is symmetric in the channels: it holds for the transposed kernel)
+        dx = (winograd.input_gradient(dz, kernel)
+              if not depthwise and winograd.pays(dz.shape, kernel.shape, strides, padding)
+              else onednn.input_gradient(dz, kernel, x.shape, strides, padding, depthwise))
         dkernel = onednn.kernel_gradient(x, dz, kernel.shape, strides, padding, depthwise)
         dx, dkernel = _varying_like(dx, x), _varying_like(dkernel, kernel)
     return dx, dkernel, doperands
