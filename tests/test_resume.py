@@ -23,16 +23,16 @@ STEPS_PER_EPOCH, EPOCHS = 3, 3  # 24 phantom train images, batch 8
 
 def _command(workdir, root, extra):
     overrides = extra | {"model.name": "smallcnn", "model.image_size": 32, "data.root": root,
-                 "data.num_workers": 1, "train.batch_size": 8, "train.epochs": EPOCHS,
-                 "train.patience": 9, "train.checkpoint_every": 1, "train.log_every": 1,
-                 "optimizer.lr": 3e-3}
+                         "data.num_workers": 1, "train.batch_size": 8, "train.epochs": EPOCHS,
+                         "train.patience": 9, "train.checkpoint_every": 1, "train.log_every": 1,
+                         "optimizer.lr": 3e-3}
     return [sys.executable, str(REPO / "main.py"), "--config=" + str(REPO / "configs/default.py"),
             f"--workdir={workdir}", "--mode=train"] + [f"--config.{k}={v}" for k, v in overrides.items()]
 
 
 def _run(workdir, root, extra, kill_at_step=None):
-    proc = subprocess.Popen(_command(workdir, root, extra), cwd=REPO, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    proc = subprocess.Popen(_command(workdir, root, extra), cwd=REPO, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     log = []
     for line in proc.stderr:
         log.append(line)
