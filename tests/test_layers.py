@@ -364,6 +364,7 @@ def test_winograd_takes_the_wide_layers_only():
                                   ((32, 17, 17, 256), (3, 3, 256, 256)),
                                   ((32, 33, 33, 128), (3, 3, 128, 128))]:
         assert not winograd.pays(x_shape, kernel_shape, 1, same)
+    assert not winograd.pays((32, 32, 32, 512), (3, 3, 512, 1), 1, same)  # depthwise
     assert not winograd.pays((32, 64, 64, 512), (3, 3, 512, 512), 2, same)
     assert not winograd.pays((32, 64, 64, 512), (3, 3, 512, 512), 1, ((0, 0), (0, 0)))
 

@@ -13,6 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO
+from test_feature_cache import NO_AUGMENTATION
 from test_train import tiny_config
 
 from fracture_jax.errors import UserError
@@ -56,9 +57,7 @@ def _best_state(workdir):
 
 # The second run trains its first epoch's head on cached backbone features, then unfreezes:
 # killed mid-way through the cached phase, it resumes there and then continues the image stream.
-CACHED_HEAD_PHASE = {"train.head_epochs": 1, "data.augment.flip": False,
-                     **{f"data.augment.{k}": 0.0
-                        for k in ("rotate_deg", "zoom", "brightness", "contrast")}}
+CACHED_HEAD_PHASE = {"train.head_epochs": 1, **NO_AUGMENTATION}
 
 
 @pytest.mark.parametrize("extra, kill_at", [

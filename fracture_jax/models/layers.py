@@ -155,7 +155,7 @@ def _onednn_conv(x, kernel, operands: tuple, strides: int, padding: tuple, ops: 
 
 def _forward(x, kernel, strides: int, padding: tuple, epilogue: Epilogue, depthwise: bool):
     """Winograd's convolution and the epilogue where ``winograd.pays``, else oneDNN's."""
-    if not depthwise and winograd.pays(x.shape, kernel.shape, strides, padding):
+    if winograd.pays(x.shape, kernel.shape, strides, padding):
         return apply_epilogue(winograd.conv3x3(x, kernel), epilogue)
     return onednn.forward(x, kernel, strides, padding, epilogue, depthwise)
 
@@ -173,7 +173,7 @@ def _onednn_conv_bwd(strides, padding, ops, depthwise, saved, dy):
         dx, dkernel = jax.vjp(lambda x, kernel: _pointwise(x, kernel, strides), x, kernel)[1](dz)
     else:  # (winograd.pays is symmetric in the channels: it holds for the transposed kernel)
         dx = (winograd.input_gradient(dz, kernel)
-              if not depthwise and winograd.pays(dz.shape, kernel.shape, strides, padding)
+              if winograd.pays(dz.shape, kernel.shape, strides, padding)
               else onednn.input_gradient(dz, kernel, x.shape, strides, padding, depthwise))
         dkernel = onednn.kernel_gradient(x, dz, kernel.shape, strides, padding, depthwise)
         dx, dkernel = _varying_like(dx, x), _varying_like(dkernel, kernel)

@@ -26,7 +26,8 @@ _MIN_CHANNELS, _WIDE_CHANNELS, _MIN_SIDE = 256, 512, 24
 
 
 def pays(x_shape, kernel_shape, strides: int, padding: tuple) -> bool:
-    """Whether a convolution of ``x_shape`` by HWIO ``kernel_shape`` takes this path."""
+    """Whether a convolution of ``x_shape`` by HWIO ``kernel_shape`` takes this path (never a
+    depthwise one: its (kh, kw, C, 1) kernel has one output channel)."""
     kh, kw, cin, cout = kernel_shape
     return ((kh, kw, strides) == (3, 3, 1) and tuple(map(tuple, padding)) == ((1, 1), (1, 1))
             and min(cin, cout) >= _MIN_CHANNELS and max(cin, cout) >= _WIDE_CHANNELS
