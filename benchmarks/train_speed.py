@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fracture_jax.host_memory import restart_with_huge_pages, without_tunable  # noqa: E402
+from fracture_jax.host_memory import ours, restart_with_tunables, without_tunables  # noqa: E402
 
 if __name__ == "__main__":
-    restart_with_huge_pages()  # as main.py does
+    restart_with_tunables()  # as main.py does
 
 import jax  # noqa: E402
 import jax.extend  # noqa: E402
@@ -133,8 +133,8 @@ PEER_MODES = {"full": "train", "frozen": "frozen", "infer": "infer"}
 def run_peer(peer: str, models: list[str], modes: list[str], a) -> list[dict]:
     """Run one peer's script on the same models and modes; return its JSON records."""
     env = dict(os.environ)
-    if not a.peers_huge_pages:  # the peers as their users run them
-        env["GLIBC_TUNABLES"] = without_tunable(env.get("GLIBC_TUNABLES"))
+    if not a.peers_tunables:  # the peers as their users run them
+        env["GLIBC_TUNABLES"] = without_tunables(env.get("GLIBC_TUNABLES"), ours())
     python = os.path.join(os.path.expanduser(a.peers_env), peer, "bin", "python")
     cmd = [python, os.path.join(a.peers_dir, f"{peer}_bench.py"),
            "--models", ",".join(PEER_NAMES[peer].get(m, m) for m in models),
@@ -185,8 +185,8 @@ def main():
     p.add_argument("--dtype", default="float32")
     p.add_argument("--peers", default="", help="comma-separated: torch, keras")
     p.add_argument("--peers-dir", default="../shared/bench/peers")
-    p.add_argument("--peers-huge-pages", action="store_true",
-                   help="run the peers with fracture_jax's glibc huge-page tunable too")
+    p.add_argument("--peers-tunables", action="store_true",
+                   help="run the peers with fracture_jax's glibc malloc tunables too")
     p.add_argument("--peers-env", default=os.environ.get("PEERS", "~/.cache/fracture_peers"))
     a = p.parse_args()
     models, modes = a.models.split(","), a.modes.split(",")

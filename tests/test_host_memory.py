@@ -1,4 +1,4 @@
-"""The restart with glibc's huge-page tunable: once, only where it can work, and opt-out."""
+"""The restart with glibc's malloc tunables: once, never over the user's own values, opt-out."""
 
 import os
 import subprocess
@@ -6,8 +6,9 @@ import sys
 
 from fracture_jax import host_memory
 
-SHOW = ("from fracture_jax.host_memory import restart_with_huge_pages as r; r(); "
+SHOW = ("from fracture_jax.host_memory import restart_with_tunables as r; r(); "
         "import os; print(os.environ.get('GLIBC_TUNABLES', ''))")
+ARENAS = "glibc.malloc.arena_max=2"
 
 
 def run(env_extra):
@@ -18,18 +19,41 @@ def run(env_extra):
                           check=True, cwd=os.path.dirname(os.path.dirname(__file__))).stdout.strip()
 
 
-def test_tunables_are_added_and_removed_without_touching_others():
-    assert host_memory.with_tunable(None) == host_memory.TUNABLE
-    both = host_memory.with_tunable("glibc.malloc.arena_max=2")
-    assert both == f"glibc.malloc.arena_max=2:{host_memory.TUNABLE}"
-    assert host_memory.without_tunable(both) == "glibc.malloc.arena_max=2"
-    assert host_memory.without_tunable(None) == ""
+def test_tunables_are_added_and_removed_without_touching_the_users():
+    ours = host_memory.ours()
+    assert host_memory.with_tunables(None, ours) == ":".join(ours)
+    both = host_memory.with_tunables(ARENAS, ours)
+    assert both.split(":") == [ARENAS] + [t for t in ours if "arena_max" not in t]
+    assert host_memory.without_tunables(both, ours) == ARENAS
+    assert host_memory.without_tunables(None, ours) == ""
 
 
-def test_restart_sets_the_tunable_where_possible_and_respects_opt_out():
-    expected = host_memory.TUNABLE if host_memory._huge_pages_possible() else ""
-    assert run({}) == expected
-    assert run({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == (
-        host_memory.with_tunable("glibc.malloc.arena_max=2") if expected
-        else "glibc.malloc.arena_max=2")
+def test_restart_sets_the_tunables_on_glibc_and_respects_opt_out():
+    on_glibc = host_memory._glibc_linux()
+    assert run({}) == (":".join(host_memory.ours()) if on_glibc else "")
+    assert run({"GLIBC_TUNABLES": ARENAS}) == (
+        host_memory.with_tunables(ARENAS, host_memory.ours()) if on_glibc else ARENAS)
     assert run({host_memory.OPT_OUT: "0"}) == ""
+    if on_glibc:
+        assert "glibc.malloc.mmap_max=0" in run({})
+
+
+def test_memory_stays_mapped_between_large_allocations():
+    """With the tunables, freeing and taking again a 256 MiB block faults no new pages."""
+    if not host_memory._glibc_linux():
+        return
+    code = ("import ctypes, resource; libc = ctypes.CDLL(None); libc.malloc.restype = "
+            "ctypes.c_void_p\n"
+            "def touch():\n"
+            "    p = libc.malloc(1 << 28); ctypes.memset(p, 1, 1 << 28); libc.free(ctypes.c_void_p(p))\n"
+            "touch(); before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "touch(); print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)")
+    env = {k: v for k, v in os.environ.items() if k != "FRACTURE_JAX_RESTARTED"}
+
+    def faults(tunables):
+        env["GLIBC_TUNABLES"] = tunables
+        return int(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                  text=True, check=True).stdout)
+    kept, fresh = faults(":".join(host_memory.KEEP_MAPPED)), faults("")
+    assert fresh >= 100  # 65,536 pages of 4 KiB, or 128 huge ones where THP is always on
+    assert kept < fresh / 10, (kept, fresh)
