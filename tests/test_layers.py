@@ -13,7 +13,7 @@ import pytest
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from fracture_jax.models import layers, onednn, winograd
+from fracture_jax.models import cpu_ffi, layers, native, onednn, winograd
 
 CASES = [(13, 11, 3, 1, "SAME"), (13, 12, 3, 2, "SAME"), (14, 14, 5, 2, "SAME"),
          (9, 10, 5, 1, "VALID"), (16, 16, 3, 2, ((0, 1), (0, 1))), (17, 15, 5, 2, "VALID")]
@@ -99,13 +99,17 @@ def test_onednn_value_and_gradients_match_xla(h, w, k, strides, padding, cin, co
         assert g.shape == r.shape and relative(g, r) < 1e-5
 
 
-def test_onednn_failure_reaches_the_caller():
-    """An error inside the custom call is raised by XLA with oneDNN's message, not swallowed."""
-    if not onednn.available():
-        pytest.skip("oneDNN's library is installed on x86-64 Linux only")
-    bad = jax.ffi.ffi_call(onednn._TARGET, jax.ShapeDtypeStruct((2,), jnp.float32))
-    with pytest.raises(Exception, match="oneDNN"):
-        jax.block_until_ready(jax.jit(lambda x: bad(x, plan=np.int64(10**9)))(jnp.ones(2)))
+def test_native_kernel_failure_reaches_the_caller():
+    """An exception inside a custom call's plan is raised by XLA with its message, not
+    swallowed; so is a plan number that does not exist."""
+    def failing(args, rets):
+        raise ValueError("plan says no")
+
+    plan = cpu_ffi.register(failing)
+    with pytest.raises(Exception, match="native kernel: ValueError.*plan says no"):
+        jax.block_until_ready(jax.jit(lambda x: cpu_ffi.call(plan, (2,), x))(jnp.ones(2)))
+    with pytest.raises(Exception, match="native kernel: IndexError"):
+        jax.block_until_ready(jax.jit(lambda x: cpu_ffi.call(10**9, (2,), x))(jnp.ones(2)))
 
 
 @pytest.mark.parametrize("with_onednn", [True, False])
@@ -352,18 +356,25 @@ def test_winograd_value_and_input_gradient_match_xla(h, w):
     assert relative(jax.jit(winograd.input_gradient)(dy, kernel), vjp(dy)[0]) < 1e-6
 
 
-def test_winograd_takes_the_wide_layers_only():
-    """VGG16's block 4 at 260 px (and 224 px) in either direction; not its blocks 3 and 5,
-    ResNet50's 3x3 layers, strided or unpadded layers."""
+def test_winograd_takes_the_layers_with_many_channels_and_tiles():
+    """VGG16's blocks 2-5 at 260 px (batch 32; batch 8 without block 5) in either direction,
+    and ResNet50's 33x33 and 17x17 layers; not 64-channel layers, 9x9 ones, strided or
+    unpadded layers."""
     same = ((1, 1), (1, 1))
-    assert winograd.pays((32, 32, 32, 512), (3, 3, 512, 512), 1, same)
-    assert winograd.pays((8, 28, 28, 256), (3, 3, 256, 512), 1, same)
-    assert winograd.pays((8, 32, 32, 512), (3, 3, 512, 256), 1, same)  # its input gradient
-    for x_shape, kernel_shape in [((32, 65, 65, 256), (3, 3, 256, 256)),
+    for x_shape, kernel_shape in [((32, 130, 130, 128), (3, 3, 128, 128)),
+                                  ((32, 65, 65, 128), (3, 3, 128, 256)),
+                                  ((32, 65, 65, 256), (3, 3, 256, 128)),  # an input gradient
+                                  ((8, 65, 65, 256), (3, 3, 256, 256)),
+                                  ((8, 32, 32, 512), (3, 3, 512, 512)),
                                   ((32, 16, 16, 512), (3, 3, 512, 512)),
-                                  ((32, 17, 17, 256), (3, 3, 256, 256)),
-                                  ((32, 33, 33, 128), (3, 3, 128, 128))]:
-        assert not winograd.pays(x_shape, kernel_shape, 1, same)
+                                  ((32, 33, 33, 128), (3, 3, 128, 128)),
+                                  ((32, 17, 17, 256), (3, 3, 256, 256))]:
+        assert winograd.pays(x_shape, kernel_shape, 1, same), (x_shape, kernel_shape)
+    for x_shape, kernel_shape in [((32, 260, 260, 64), (3, 3, 64, 64)),
+                                  ((32, 130, 130, 64), (3, 3, 64, 128)),
+                                  ((8, 16, 16, 512), (3, 3, 512, 512)),
+                                  ((32, 9, 9, 512), (3, 3, 512, 512))]:
+        assert not winograd.pays(x_shape, kernel_shape, 1, same), (x_shape, kernel_shape)
     assert not winograd.pays((32, 32, 32, 512), (3, 3, 512, 1), 1, same)  # depthwise
     assert not winograd.pays((32, 64, 64, 512), (3, 3, 512, 512), 2, same)
     assert not winograd.pays((32, 64, 64, 512), (3, 3, 512, 512), 1, ((0, 0), (0, 0)))
@@ -371,13 +382,14 @@ def test_winograd_takes_the_wide_layers_only():
 
 def test_winograd_layer_in_the_onednn_path_matches_xla():
     """A layer ``winograd.pays`` for, with a bias and a ReLU: Winograd's forward and input
-    gradient and oneDNN's kernel gradient (its one custom call) match XLA's."""
+    gradient and oneDNN's kernel gradient (one oneDNN custom call, and the C input transforms
+    where they compiled) match XLA's."""
     if not onednn.available():
         pytest.skip("oneDNN's library is installed on x86-64 Linux only")
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((1, 24, 25, 256)), jnp.float32)
-    kernel = jnp.asarray(rng.standard_normal((3, 3, 256, 512)) / 48, jnp.float32)
-    bias = jnp.asarray(rng.standard_normal(512), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((2, 64, 63, 128)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 128, 144)) / 34, jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(144), jnp.float32)
     assert winograd.pays(x.shape, kernel.shape, 1, ((1, 1), (1, 1)))
 
     def ours(x, kernel, bias):
@@ -387,7 +399,8 @@ def test_winograd_layer_in_the_onednn_path_matches_xla():
         return jax.nn.relu(xla_conv(x, kernel, 1, "SAME") + bias)
 
     grad = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(ours(*a))), (0, 1, 2)))
-    assert str(jax.make_jaxpr(grad)(x, kernel, bias)).count("ffi_call") == 1
+    transforms = 2 if native.library("winograd") else 0  # forward and input gradient
+    assert str(jax.make_jaxpr(grad)(x, kernel, bias)).count("ffi_call") == 1 + transforms
     assert relative(jax.jit(ours)(x, kernel, bias), reference(x, kernel, bias)) < 1e-6
     want = jax.grad(lambda *a: jnp.sum(jnp.sin(reference(*a))), (0, 1, 2))(x, kernel, bias)
     for g, r in zip(grad(x, kernel, bias), want):

@@ -1,10 +1,9 @@
-"""oneDNN's convolutions inside XLA's CPU programs: an XLA FFI custom call written in ctypes.
+"""oneDNN's convolutions inside XLA's CPU programs, run by ``cpu_ffi``'s custom call.
 
 On a 2-core AVX-512 CPU, XLA's convolution ran VGG16's 3x3 layers at 130-176 GFLOP/s, oneDNN's
 direct convolution (``brgconv``, the kernel TensorFlow runs) at 221-226. This module loads
-``libdnnl`` (the ``onednn-cpu-gomp`` wheel), builds the oneDNN primitives of each convolution
-shape when a program is traced, and registers one FFI handler that runs them on XLA's own
-buffers, with no copies. Convolutions are dense or depthwise (oneDNN's grouped convolution with
+``libdnnl`` (the ``onednn-cpu-gomp`` wheel) and builds the oneDNN primitives of each convolution
+shape when a program is traced, as ``cpu_ffi`` plans that run them on XLA's own buffers. Convolutions are dense or depthwise (oneDNN's grouped convolution with
 one channel per group). A forward convolution can end in an epilogue of per-channel or
 elementwise additions and products and a ReLU or swish (oneDNN's post-ops), so that a bias, an
 inference BatchNorm, a residual and the activation cost no extra pass over memory. Without the
@@ -21,11 +20,10 @@ import sys
 import threading
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-_TARGET = "fracture_jax_onednn"
+from fracture_jax.models import cpu_ffi
+
 _F32, _FORMAT_ANY, _CPU, _IN_ORDER, _DIRECT = 3, 1, 1, 1, 1
 _FORWARD, _FORWARD_TRAINING = 96, 64
 _SRC, _DST, _WEIGHTS, _DIFF_SRC, _DIFF_DST, _DIFF_WEIGHTS = 1, 17, 33, 129, 145, 161
@@ -39,61 +37,6 @@ _Dims = ctypes.c_int64 * 12
 
 class _Arg(ctypes.Structure):
     _fields_ = [("arg", ctypes.c_int), ("memory", _P)]
-
-
-# The parts of XLA's FFI C API (xla/ffi/api/c_api.h, version 0.3) the handler reads.
-class _Extension(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_size_t), ("type", ctypes.c_int), ("next", _P)]
-
-
-class _Version(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", _P),
-                ("major", ctypes.c_int), ("minor", ctypes.c_int)]
-
-
-class _Metadata(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_size_t), ("api_version", _Version),
-                ("traits", ctypes.c_uint32)]
-
-
-class _MetadataExtension(ctypes.Structure):
-    _fields_ = [("base", _Extension), ("metadata", ctypes.POINTER(_Metadata))]
-
-
-class _Buffer(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", _P), ("dtype", ctypes.c_int),
-                ("data", _P), ("rank", ctypes.c_int64), ("dims", ctypes.POINTER(ctypes.c_int64))]
-
-
-class _List(ctypes.Structure):  # XLA_FFI_Args, XLA_FFI_Rets and XLA_FFI_Attrs share a prefix
-    _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", _P), ("size", ctypes.c_int64),
-                ("types", _P), ("items", ctypes.POINTER(_P))]
-
-
-class _Attrs(ctypes.Structure):
-    _fields_ = [*_List._fields_[:4], ("names", _P), ("items", ctypes.POINTER(_P))]
-
-
-class _Scalar(ctypes.Structure):
-    _fields_ = [("dtype", ctypes.c_int), ("value", ctypes.POINTER(ctypes.c_int64))]
-
-
-class _ErrorArgs(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", _P),
-                ("message", ctypes.c_char_p), ("errc", ctypes.c_int)]
-
-
-class _Api(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", _P),
-                ("api_version", _Version), ("internal_api", _P),
-                ("error_create", ctypes.CFUNCTYPE(_P, ctypes.POINTER(_ErrorArgs)))]
-
-
-class _CallFrame(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_size_t),
-                ("extension_start", ctypes.POINTER(_Extension)),
-                ("api", ctypes.POINTER(_Api)), ("ctx", _P), ("stage", ctypes.c_int),
-                ("args", _List), ("rets", _List), ("attrs", _Attrs), ("future", _P)]
 
 
 def _library_paths():
@@ -165,7 +108,6 @@ def _dnnl():
             dnnl = _Dnnl(ctypes.CDLL(path))
         except (OSError, AttributeError, RuntimeError):  # absent, or not oneDNN 3
             continue
-        jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(_handler), platform="cpu")
         logging.info("oneDNN convolutions from %s", path)
         return dnnl
     return None
@@ -174,30 +116,6 @@ def _dnnl():
 def available() -> bool:
     """Whether oneDNN's library loaded (set FRACTURE_JAX_ONEDNN=0 to keep XLA's convolution)."""
     return _dnnl() is not None
-
-
-_PLANS: list = []  # a plan runs one convolution: plan(argument addresses, result addresses)
-
-
-@ctypes.CFUNCTYPE(_P, ctypes.POINTER(_CallFrame))
-def _handler(frame_pointer):
-    frame = frame_pointer.contents
-    if frame.extension_start and frame.extension_start.contents.type == 1:  # metadata query
-        metadata = ctypes.cast(frame.extension_start,
-                               ctypes.POINTER(_MetadataExtension)).contents.metadata.contents
-        metadata.api_version.major, metadata.api_version.minor, metadata.traits = 0, 3, 0
-        return None
-    if frame.stage != 3:  # only the execute stage does work
-        return None
-    try:
-        plan = _PLANS[ctypes.cast(frame.attrs.items[0], ctypes.POINTER(_Scalar)).contents.value[0]]
-        address = lambda items, i: ctypes.cast(items[i], ctypes.POINTER(_Buffer)).contents.data
-        plan([address(frame.args.items, i) for i in range(frame.args.size)],
-             [address(frame.rets.items, i) for i in range(frame.rets.size)])
-        return None
-    except Exception as error:  # noqa: BLE001 -- reported to XLA, which raises it
-        args = _ErrorArgs(ctypes.sizeof(_ErrorArgs), None, f"oneDNN: {error!r}".encode(), 13)
-        return frame.api.contents.error_create(ctypes.byref(args))
 
 
 def _nhwc(dnnl, shape):
@@ -272,13 +190,12 @@ class _Convolution:
 
 
 def _plan(build):
-    """A cached plan builder: the plan's index in ``_PLANS`` per convolution shape (and the
+    """A cached plan builder: the ``cpu_ffi`` plan number per convolution shape (and the
     builder's further options)."""
     @functools.cache
     def index(x_shape, kernel_shape, strides, padding, depthwise, *options) -> int:
-        _PLANS.append(build(_Convolution(x_shape, kernel_shape, strides, padding, depthwise),
-                            *options))
-        return len(_PLANS) - 1
+        return cpu_ffi.register(build(_Convolution(x_shape, kernel_shape, strides, padding,
+                                                   depthwise), *options))
     return index
 
 
@@ -330,11 +247,6 @@ def _kernel_gradient_plan(c: _Convolution):
     return run
 
 
-def _call(plan: int, shape, *operands):
-    return jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(shape, jnp.float32))(
-        *operands, plan=np.int64(plan))
-
-
 def _out_shape(x_shape, kernel_shape, strides, padding, depthwise):
     (top, bottom), (left, right) = padding
     kh, kw, _, cout = kernel_shape
@@ -351,14 +263,14 @@ def forward(x, kernel, strides: int, padding: tuple, epilogue=(), depthwise: boo
     shape = (x.shape, kernel.shape, strides, padding, depthwise)
     plan = _forward_plan(*shape, tuple((op, v if v is None else v.shape) for op, v in epilogue))
     operands = [v for _, v in epilogue if v is not None]
-    return _call(plan, _out_shape(*shape), x, kernel, *operands)
+    return cpu_ffi.call(plan, _out_shape(*shape), x, kernel, *operands)
 
 
 def input_gradient(dy, kernel, x_shape, strides: int, padding: tuple, depthwise: bool = False):
-    return _call(_input_gradient_plan(x_shape, kernel.shape, strides, padding, depthwise),
+    return cpu_ffi.call(_input_gradient_plan(x_shape, kernel.shape, strides, padding, depthwise),
                  x_shape, dy, kernel)
 
 
 def kernel_gradient(x, dy, kernel_shape, strides: int, padding: tuple, depthwise: bool = False):
-    return _call(_kernel_gradient_plan(x.shape, kernel_shape, strides, padding, depthwise),
+    return cpu_ffi.call(_kernel_gradient_plan(x.shape, kernel_shape, strides, padding, depthwise),
                  kernel_shape, x, dy)
