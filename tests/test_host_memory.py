@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from fracture_jax import host_memory
 
 SHOW = ("from fracture_jax.host_memory import restart_with_tunables as r; r(); "
@@ -41,11 +43,12 @@ def test_restart_sets_the_tunables_on_glibc_and_respects_opt_out():
 def test_memory_stays_mapped_between_large_allocations():
     """With the tunables, freeing and taking again a 256 MiB block faults no new pages."""
     if not host_memory._glibc_linux():
-        return
+        pytest.skip("glibc's tunables: Linux with glibc only")
     code = ("import ctypes, resource; libc = ctypes.CDLL(None); libc.malloc.restype = "
             "ctypes.c_void_p\n"
             "def touch():\n"
-            "    p = libc.malloc(1 << 28); ctypes.memset(p, 1, 1 << 28); libc.free(ctypes.c_void_p(p))\n"
+            "    p = libc.malloc(1 << 28); ctypes.memset(p, 1, 1 << 28)\n"
+            "    libc.free(ctypes.c_void_p(p))\n"
             "touch(); before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
             "touch(); print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)")
     env = {k: v for k, v in os.environ.items() if k != "FRACTURE_JAX_RESTARTED"}

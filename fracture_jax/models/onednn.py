@@ -3,10 +3,11 @@
 On a 2-core AVX-512 CPU, XLA's convolution ran VGG16's 3x3 layers at 130-176 GFLOP/s, oneDNN's
 direct convolution (``brgconv``, the kernel TensorFlow runs) at 221-226. This module loads
 ``libdnnl`` (the ``onednn-cpu-gomp`` wheel) and builds the oneDNN primitives of each convolution
-shape when a program is traced, as ``cpu_ffi`` plans that run them on XLA's own buffers. Convolutions are dense or depthwise (oneDNN's grouped convolution with
-one channel per group). A forward convolution can end in an epilogue of per-channel or
-elementwise additions and products and a ReLU or swish (oneDNN's post-ops), so that a bias, an
-inference BatchNorm, a residual and the activation cost no extra pass over memory. Without the
+shape when a program is traced, as ``cpu_ffi`` plans that run them on XLA's own buffers.
+Convolutions are dense or depthwise (oneDNN's grouped convolution with one channel per group).
+A forward convolution can end in an epilogue of per-channel or elementwise additions and
+products and a ReLU or swish (oneDNN's post-ops), so that a bias, an inference BatchNorm, a
+residual and the activation cost no extra pass over memory. Without the
 library ``available()`` is False and callers keep XLA's convolution. Layouts: NHWC
 activations, HWIO kernels (depthwise: (kh, kw, C, 1)), float32.
 """
