@@ -15,7 +15,8 @@ ARENAS = "glibc.malloc.arena_max=2"
 
 def run(env_extra):
     env = {k: v for k, v in os.environ.items()
-           if k not in ("GLIBC_TUNABLES", host_memory.OPT_OUT, "FRACTURE_JAX_RESTARTED")}
+           if k not in ("GLIBC_TUNABLES", host_memory.OPT_OUT, host_memory.KEEP_MAPPED_OPT_OUT,
+                        "FRACTURE_JAX_RESTARTED")}
     env.update(env_extra)
     return subprocess.run([sys.executable, "-c", SHOW], env=env, capture_output=True, text=True,
                           check=True, cwd=os.path.dirname(os.path.dirname(__file__))).stdout.strip()
@@ -38,6 +39,8 @@ def test_restart_sets_the_tunables_on_glibc_and_respects_opt_out():
     assert run({host_memory.OPT_OUT: "0"}) == ""
     if on_glibc:
         assert "glibc.malloc.mmap_max=0" in run({})
+        huge_pages_only = run({host_memory.KEEP_MAPPED_OPT_OUT: "0"})
+        assert "mmap_max" not in huge_pages_only and "arena_max" not in huge_pages_only
 
 
 def test_memory_stays_mapped_between_large_allocations():
