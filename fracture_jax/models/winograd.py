@@ -7,8 +7,8 @@ transformed back (``_AT``): 2.25x fewer multiply-adds than the direct convolutio
 offers no float32 Winograd on this CPU class. The input transform is C (``winograd.c``, built by
 ``native``; XLA's fusion of the same sums took 3-5x longer), the rest XLA's operations. On a
 2-core AVX-512 CPU the layers ``pays`` takes ran 1.2-1.7x faster than oneDNN's direct
-convolution in CPU time, with a smaller error against XLA's convolution (4-6e-7 relative,
-oneDNN's 7e-7 to 1.1e-6).
+convolution in CPU time, with a smaller error against XLA's convolution (3-6e-7 relative,
+oneDNN's 4e-7 to 1.1e-6 on the same layers).
 """
 
 import ctypes
