@@ -5,7 +5,7 @@ Each 2x2 output tile comes from a 4x4 input tile: the tiles are transformed by a
 (``_BT``), multiplied with the transformed kernel (``_G``) as 16 matmuls over the channels, and
 transformed back (``_AT``): 2.25x fewer multiply-adds than the direct convolution. oneDNN 3.2
 offers no float32 Winograd on this CPU class. The input transform is C (``winograd.c``, built by
-``native``; XLA's fusion of the same sums took 3-5x longer), the rest XLA's operations. On a
+``native``; XLA's fusion of the same sums took 3-6x longer), the rest XLA's operations. On a
 2-core AVX-512 CPU the layers ``pays`` takes ran 1.2-1.7x faster than oneDNN's direct
 convolution in CPU time, with a smaller error against XLA's convolution (3-6e-7 relative,
 oneDNN's 4e-7 to 1.1e-6 on the same layers).
