@@ -35,13 +35,13 @@ def _cpu() -> str:
     return f"{platform.machine()} {flags}"
 
 
-def build(name: str, directory: Path | None = None) -> Path:
+def build(name: str) -> Path:
     """The compiled library of ``<name>.c``, built now unless a cached one exists. Raises
     OSError (no compiler) or RuntimeError (the compiler's complaint)."""
     source = Path(__file__).with_name(f"{name}.c")
     compiler = os.environ.get("CC", "cc")
     key = hashlib.sha256("\0".join([source.read_text(), compiler, *FLAGS, _cpu()]).encode())
-    directory = directory or cache_dir()
+    directory = cache_dir()
     library = directory / f"{name}-{key.hexdigest()[:16]}.so"
     if library.exists():
         return library

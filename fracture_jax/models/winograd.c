@@ -19,7 +19,8 @@ int winograd_input_transform(const float *restrict x, float *restrict v, long n,
         for (int i = 0; i < 4; i++)
           for (int j = 0; j < 4; j++) {
             const long y = 2 * t - 1 + i, z = 2 * u - 1 + j;
-            d[i][j] = (y >= 0 && y < h && z >= 0 && z < w) ? x + ((b * h + y) * w + z) * c : zeros;
+            const int inside = y >= 0 && y < h && z >= 0 && z < w;
+            d[i][j] = inside ? x + ((b * h + y) * w + z) * c : zeros;
           }
         float *out = v + ((b * th + t) * tw + u) * c;
 #pragma omp simd

@@ -31,9 +31,14 @@ _AT = ((1, 1, 1, 0), (0, 1, -1, -1))
 _MIN_CHANNELS, _MIN_TILES = 128, 2048
 
 
+def _grid(x_shape) -> tuple:
+    """The 2x2 output tiles of ``x_shape`` down and across: the last ones cut off if odd."""
+    return -(-x_shape[1] // 2), -(-x_shape[2] // 2)
+
+
 def _tiles(x_shape) -> int:
-    n, h, w = x_shape[:3]
-    return n * -(-h // 2) * -(-w // 2)
+    th, tw = _grid(x_shape)
+    return x_shape[0] * th * tw
 
 
 def pays(x_shape, kernel_shape, strides: int, padding: tuple) -> bool:
@@ -52,7 +57,7 @@ def _combine(coefficients, terms):
 def _xla_input_transform(x):
     """(16, tiles, C): each 4x4 tile of the padded ``x``, transformed by ``_BT`` both ways."""
     n, h, w, cin = x.shape
-    th, tw = -(-h // 2), -(-w // 2)
+    th, tw = _grid(x.shape)
     x = jnp.pad(x, ((0, 0), (1, 2 * th + 1 - h), (1, 2 * tw + 1 - w), (0, 0)))
     tile = [[x[:, i:i + 2 * th:2, j:j + 2 * tw:2] for j in range(4)] for i in range(4)]
     rows = [[_combine(_BT[a], [tile[i][j] for i in range(4)]) for j in range(4)]
@@ -88,7 +93,7 @@ def conv3x3(x, kernel):
     """NHWC ``x`` convolved with HWIO 3x3 ``kernel``, stride 1, one pixel of zero padding."""
     n, h, w, cin = x.shape
     cout = kernel.shape[-1]
-    th, tw = -(-h // 2), -(-w // 2)
+    th, tw = _grid(x.shape)
     u = jnp.einsum("ai,bj,ijco->abco", _G, _G, kernel).reshape(16, cin, cout)
     m = jnp.einsum("ptc,pco->pto", input_transform(x), u).reshape(4, 4, n, th, tw, cout)
     rows = [[_combine(_AT[a], [m[i, j] for i in range(4)]) for j in range(4)] for a in range(2)]
