@@ -47,6 +47,6 @@ def main(argv):
 
 
 if __name__ == "__main__":  # grain's worker processes start by importing this module
-    from fracture_jax.host_memory import restart_with_tunables
+    from fracture_jax.kernels.host_memory import restart_with_tunables
     restart_with_tunables()
     app.run(main, flags_parser=parse_flags)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fracture_jax.host_memory import restart_with_tunables  # noqa: E402
+from fracture_jax.kernels.host_memory import restart_with_tunables  # noqa: E402
 
 if __name__ == "__main__":
     restart_with_tunables()  # as main.py does

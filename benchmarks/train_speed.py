@@ -4,10 +4,13 @@ Prints one JSON line per (model, mode): median images/s over timed steps, compil
 peak resident memory. Random weights and synthetic batches, like the peer scripts. With
 ``--peers torch,keras`` the peer scripts of ``--peers-dir`` run next, in the same invocation,
 their JSON lines are passed through, and a last ``summary`` line gives each ratio
-fracture_jax / best peer.
+fracture_jax / best peer. With ``--baseline DIR`` (another checkout of fracture_jax, e.g. a
+``git worktree`` of an older commit) its own ``train_speed.py`` runs each model right after
+this one's, and the summary gives this tree's images/s over the baseline's.
 
     python benchmarks/train_speed.py [--models efficientnetb2,resnet50,vgg16] [--modes full,frozen,infer]
         [--peers torch,keras --peers-dir ../shared/bench/peers --peers-env ~/.cache/fracture_peers]
+        [--baseline /tmp/fracture_jax_old]
 """
 
 import argparse
@@ -21,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fracture_jax.host_memory import ours, restart_with_tunables, without_tunables  # noqa: E402
+from fracture_jax.kernels.host_memory import ours, restart_with_tunables, without_tunables  # noqa: E402
 
 if __name__ == "__main__":
     restart_with_tunables()  # as main.py does
@@ -33,9 +36,9 @@ import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
 from fracture_jax import parallel  # noqa: E402
-from fracture_jax.models import backbone_layers, get_spec  # noqa: E402
-from fracture_jax.models.layers import portable  # noqa: E402
-from fracture_jax.train import Phase, TrainState, compile_phase, initial_variables  # noqa: E402
+from fracture_jax.kernels import portable  # noqa: E402
+from fracture_jax.models.builder import frozen_layers, initial_variables  # noqa: E402
+from fracture_jax.train import Phase, TrainState, compile_phase  # noqa: E402
 
 
 def _sub_jaxprs(eqn):
@@ -65,11 +68,11 @@ def model_flops(jaxpr) -> float:
     return total
 
 
-def step_flops(config, phase, layers, mesh, mode, state, data, key) -> float:
+def step_flops(config, phase, mesh, mode, state, data, key) -> float:
     """Model FLOPs of one step, traced from a fresh program with XLA's own convolutions (so the
     CPU depthwise path counts like the GPU's); nothing is compiled."""
     with portable():
-        program = compile_phase(config, phase, layers, False, 100, mesh)
+        program = compile_phase(config, phase, False, 100, mesh)
         if mode == "infer":
             traced = jax.make_jaxpr(program.forward)(state.variables, data["image"])
         else:
@@ -82,11 +85,9 @@ def bench(name, mode, size, batch, steps, dtype):
     config.model.name, config.model.image_size, config.model.dtype = name, size, dtype
     config.train.batch_size = batch
     mesh = parallel.make_mesh()
-    layers = backbone_layers(get_spec(name).name)
-    frozen = len(layers) if mode == "frozen" else 0
     variables, _ = initial_variables(config, jax.random.key(0))
-    phase = Phase(0, 0, frozen, 1.0)
-    program = compile_phase(config, phase, layers, False, 100, mesh)
+    phase = Phase(0, 0, frozen_layers(name, "all" if mode == "frozen" else "none"), 1.0)
+    program = compile_phase(config, phase, False, 100, mesh)
     state = parallel.replicate(TrainState(jnp.zeros((), jnp.int32), variables["params"],
                                           variables.get("batch_stats", {}),
                                           program.init_opt_state(variables["params"])), mesh)
@@ -107,7 +108,7 @@ def bench(name, mode, size, batch, steps, dtype):
     t = time.perf_counter()
     state = run(state)
     compile_s = time.perf_counter() - t
-    flops = step_flops(config, phase, layers, mesh, mode, state, data, key)
+    flops = step_flops(config, phase, mesh, mode, state, data, key)
     times = []
     for _ in range(steps):
         t = time.perf_counter()
@@ -154,6 +155,24 @@ def run_peer(peer: str, models: list[str], modes: list[str], a) -> list[dict]:
     return records
 
 
+def run_baseline(models: list[str], modes: list[str], a) -> list[dict]:
+    """The baseline checkout's own train_speed.py on the same models and modes (a separate
+    process, its own imports); its records relabelled ``baseline``."""
+    cmd = [sys.executable, "benchmarks/train_speed.py", "--models", ",".join(models),
+           "--modes", ",".join(modes), "--size", str(a.size), "--batch", str(a.batch),
+           "--vgg-train-batch", str(a.vgg_train_batch), "--steps", str(a.steps),
+           "--dtype", a.dtype]
+    env = {k: v for k, v in os.environ.items() if k != "FRACTURE_JAX_RESTARTED"}
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=a.baseline, env=env)
+    records = [dict(json.loads(line), framework="baseline")
+               for line in out.stdout.splitlines() if line.startswith("{")]
+    for r in records:
+        print(json.dumps(r), flush=True)
+    if out.returncode:
+        print(json.dumps({"framework": "baseline", "error": out.stderr[-2000:]}), flush=True)
+    return records
+
+
 def summary(ours: list[dict], peers: list[dict]) -> dict:
     """Per model and mode: each framework's images/s (the median over rounds) and fracture_jax's
     over the best peer's."""
@@ -166,9 +185,12 @@ def summary(ours: list[dict], peers: list[dict]) -> dict:
     rows = {}
     for key, by_framework in speeds.items():
         median = {f: round(statistics.median(v), 3) for f, v in by_framework.items()}
-        best_peer = max((v for f, v in median.items() if f != "fracture_jax"), default=None)
+        best_peer = max((v for f, v in median.items() if f not in ("fracture_jax", "baseline")),
+                        default=None)
         rows[key] = {**median, "ratio_to_best_peer": round(median["fracture_jax"] / best_peer, 3)
                      if best_peer else None}
+        if "baseline" in median:
+            rows[key]["ratio_to_baseline"] = round(median["fracture_jax"] / median["baseline"], 3)
     return {"summary": rows}
 
 
@@ -188,6 +210,8 @@ def main():
     p.add_argument("--peers-tunables", action="store_true",
                    help="run the peers with fracture_jax's glibc malloc tunables too")
     p.add_argument("--peers-env", default=os.environ.get("PEERS", "~/.cache/fracture_peers"))
+    p.add_argument("--baseline", default="",
+                   help="another fracture_jax checkout, timed right after this one per model")
     a = p.parse_args()
     models, modes = a.models.split(","), a.modes.split(",")
     ours, peers = [], []
@@ -197,6 +221,8 @@ def main():
                 batch = a.vgg_train_batch if name == "vgg16" and mode != "infer" else a.batch
                 ours.append(bench(name, mode, a.size, batch, a.steps, a.dtype))
                 print(json.dumps(ours[-1]), flush=True)
+            if a.baseline:
+                peers += run_baseline([name], modes, a)
             for peer in filter(None, a.peers.split(",")):
                 peers += run_peer(peer, [name], modes, a)
     if peers:

@@ -1,7 +1,8 @@
 """Orbax checkpoints of a run: the latest (for resuming) and the best (by a val metric).
 
-Each checkpoint is one step directory with three items: ``state`` (the train state pytree),
-``data`` (the grain iterator's state) and ``meta`` (JSON: config, epoch, metrics, history).
+Each checkpoint is one step directory with four items: ``state`` (the train state pytree),
+``outputs`` (the epoch's train logits and labels so far, arrays), ``data`` (the grain
+iterator's state) and ``meta`` (JSON: the loop's state, config, kernels).
 Orbax writes into a temporary directory and renames it when complete, so a process killed
 mid-save leaves nothing that a restart would mistake for a checkpoint.
 """
@@ -19,7 +20,7 @@ class RunCheckpoints:
 
     def __init__(self, workdir: str, metric: str, mode: str = "max"):
         root = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        items = ("state", "data", "meta")
+        items = ("state", "outputs", "data", "meta")
         self.metric = metric
         self.latest = ocp.CheckpointManager(
             os.path.join(root, "latest"), item_names=items,
@@ -33,29 +34,32 @@ class RunCheckpoints:
                 cleanup_tmp_directories=True))
 
     @staticmethod
-    def _args(state, data_iter, meta):
+    def _args(state, outputs, data_iter, meta):
         return ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  outputs=ocp.args.StandardSave(outputs),
                                   data=grain.checkpoint.CheckpointSave(data_iter),
                                   meta=ocp.args.JsonSave(meta))
 
-    def save_latest(self, step: int, state, data_iter, meta: dict):
-        self.latest.save(step, args=self._args(state, data_iter, meta), force=True)
+    def save_latest(self, step: int, state, outputs, data_iter, meta: dict):
+        self.latest.save(step, args=self._args(state, outputs, data_iter, meta), force=True)
         self.latest.wait_until_finished()
 
-    def save_best(self, step: int, state, data_iter, meta: dict, metrics: dict):
-        self.best.save(step, args=self._args(state, data_iter, meta), metrics=metrics, force=True)
+    def save_best(self, step: int, state, outputs, data_iter, meta: dict, metrics: dict):
+        self.best.save(step, args=self._args(state, outputs, data_iter, meta), metrics=metrics,
+                       force=True)
         self.best.wait_until_finished()
 
-    def restore_latest(self, target_state, data_iter):
-        """(state, meta) of the newest complete checkpoint, restoring ``data_iter`` in place;
-        None when there is none."""
+    def restore_latest(self, target_state, target_outputs, data_iter):
+        """(state, outputs, meta) of the newest complete checkpoint, restoring ``data_iter``
+        in place; None when there is none."""
         step = self.latest.latest_step()
         if step is None:
             return None
         restored = self.latest.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target_state),
+            outputs=ocp.args.StandardRestore(target_outputs),
             data=grain.checkpoint.CheckpointRestore(data_iter), meta=ocp.args.JsonRestore()))
-        return restored.state, restored.meta
+        return restored.state, restored.outputs, restored.meta
 
     def restore_best_weights(self, with_meta: bool = False):
         """``{'step', 'params', 'batch_stats'}`` of the best checkpoint (host arrays), or None;

@@ -8,6 +8,7 @@ threshold and at 0.5), ``threshold.json`` (what ``--mode=predict`` uses), the fi
 
 import csv
 import dataclasses
+import json
 import os
 import time
 
@@ -21,12 +22,13 @@ from fracture_jax import parallel, plots
 from fracture_jax.checkpoint import load_best
 from fracture_jax.data import dataset
 from fracture_jax.data.pipeline import example_at, file_names
+from fracture_jax.errors import UserError
 from fracture_jax.files import atomic_path, write_json
 from fracture_jax.gradcam import grad_cam
 from fracture_jax.inference import make_forward, predict
+from fracture_jax.models import builder
 from fracture_jax.report import write_report
 from fracture_jax.scoring import choose_threshold, score_split
-from fracture_jax.train import build_model
 
 
 @dataclasses.dataclass
@@ -47,9 +49,23 @@ class Member:
 def load_member(workdir: str) -> Member:
     weights, meta = load_best(workdir)
     config = ml_collections.ConfigDict(meta["config"])
-    model = build_model(config, 0, meta.get("imagenet_rescaling", False))
+    model = builder.classifier(config, imagenet_rescaling=meta.get("imagenet_rescaling", False))
     variables = {"params": weights["params"], "batch_stats": weights["batch_stats"]}
     return Member(workdir, config, meta, model, variables)
+
+
+def threshold_path(workdir: str) -> str:
+    return os.path.join(workdir, "eval", "threshold.json")
+
+
+def read_threshold(workdir: str) -> dict:
+    """The operating threshold ``--mode=eval`` chose on val for the run in ``workdir``."""
+    path = threshold_path(workdir)
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found: run --mode=eval --workdir={workdir} first, which "
+                        "chooses the operating threshold on val")
+    with open(path) as f:
+        return json.load(f)
 
 
 def sigmoid(logits) -> np.ndarray:
@@ -189,7 +205,7 @@ def evaluate(config, workdir: str) -> dict:
                              "level": 0.95},
                "speed": speed, "results": results, "fracture_jax": fracture_jax.__version__}
     write_json(os.path.join(out_dir, "metrics.json"), metrics)
-    write_json(os.path.join(out_dir, "threshold.json"), results[members[0].name]["threshold"]
+    write_json(threshold_path(workdir), results[members[0].name]["threshold"]
                | {"model": members[0].name})
     page = write_report(os.path.join(out_dir, "report.html"), metrics, made, report,
                         members[0].config.to_dict())

@@ -21,9 +21,9 @@ from fracture_jax.models import get_spec
 MODES = ("auto", "force", "off")
 
 
-def applies(config, frozen: int, num_layers: int) -> bool:
-    """Whether a phase with ``frozen`` of the backbone's ``num_layers`` frozen layers trains on
-    cached features, by ``config.train.cache_features``:
+def applies(config, backbone_frozen: bool) -> bool:
+    """Whether a phase trains on cached features (``backbone_frozen``: the whole backbone is),
+    by ``config.train.cache_features``:
 
     - auto: when that changes nothing: the backbone wholly frozen, augmentation off, no random
       layer in the backbone, one process;
@@ -36,7 +36,7 @@ def applies(config, frozen: int, num_layers: int) -> bool:
         raise UserError(f"train.cache_features={config.train.cache_features!r}: use one of "
                         f"{', '.join(MODES)}")
     augmented = any(dataclasses.astuple(Augment.from_config(config.data.augment)))
-    if mode == "off" or frozen < num_layers or augmented or jax.process_count() > 1:
+    if mode == "off" or not backbone_frozen or augmented or jax.process_count() > 1:
         return False
     if mode == "auto" and get_spec(config.model.name).drops_paths:
         logging.info("backbone features not cached: %s drops paths at random in training even "

@@ -2,28 +2,26 @@
 
 Each file is decoded on its own; a file that cannot be read gets a row with its error and the
 others go on. The label uses the operating threshold that ``--mode=eval`` chose on val
-(``<workdir>/eval/threshold.json``), or 0.5, said loudly, when the run was never evaluated.
+(``<workdir>/eval/threshold.json``); a run never evaluated is refused with the command to run.
 """
 
 import csv
 import glob
-import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from fracture_jax import parallel, plots
 from fracture_jax.data.augment import resize
 from fracture_jax.data.decode import DecodeError, decode
 from fracture_jax.data.scan import JUNK_FILES
 from fracture_jax.errors import UserError
-from fracture_jax.evaluate import load_member, sigmoid
+from fracture_jax.evaluate import load_member, read_threshold, sigmoid
 from fracture_jax.files import atomic_path
 from fracture_jax.gradcam import grad_cam
-from fracture_jax.inference import make_forward
+from fracture_jax.inference import make_forward, mesh_multiple
 
 FIELDS = ("file", "probability", "label", "threshold", "error")
 
@@ -43,16 +41,6 @@ def expand(spec: str) -> list[str]:
     return sorted(found)
 
 
-def operating_threshold(workdir: str) -> float:
-    path = os.path.join(workdir, "eval", "threshold.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            return float(json.load(f)["value"])
-    logging.warning("%s not found: labels use threshold 0.5, not one chosen on val; run "
-                    "--mode=eval --workdir=%s first", path, workdir)
-    return 0.5
-
-
 def load_image(path: str, size: int) -> np.ndarray:
     """The image as the model sees it (raises DecodeError naming the file)."""
     try:
@@ -70,11 +58,11 @@ def predict_files(config, workdir: str, images: str | None) -> str:
     files = expand(images)
     member = load_member(workdir)
     size = member.config.model.image_size
-    threshold = operating_threshold(workdir)
+    threshold = float(read_threshold(workdir)["value"])
     mesh = parallel.make_mesh()
     forward = make_forward(member.model, mesh)
     variables = parallel.replicate(member.variables, mesh)
-    batch = -(-config.eval.batch_size // mesh.size) * mesh.size
+    batch = mesh_multiple(config.eval.batch_size, mesh)
     output = config.predict.output or os.path.join(workdir, "predictions.csv")
     cam_dir = os.path.splitext(output)[0] + "_gradcam"
     if config.predict.gradcam:

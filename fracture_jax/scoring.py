@@ -8,6 +8,8 @@ replacement) is the same call with multinomial counts as weights: no copies of t
 import numpy as np
 from sklearn import metrics as skm
 
+from fracture_jax.data.scan import CLASS_NAMES  # label 0, label 1
+
 ECE_BINS = 15
 
 
@@ -108,9 +110,6 @@ def choose_threshold(labels, probs, method: str = "youden", target_sensitivity: 
     if method == "sensitivity":
         return float(thresholds[np.argmax(tpr >= target_sensitivity)])
     raise ValueError(f"threshold method {method!r}: use youden or sensitivity")
-
-
-CLASS_NAMES = ("not_fractured", "fractured")
 
 
 def score_split(labels, probs, threshold: float, resamples: int, seed: int) -> dict:

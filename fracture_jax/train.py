@@ -22,7 +22,7 @@ from absl import logging
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from fracture_jax import feature_cache, parallel
+from fracture_jax import feature_cache, kernels, parallel
 from fracture_jax.checkpoint import RunCheckpoints
 from fracture_jax.data import dataset
 from fracture_jax.data.pipeline import Augment, train_dataset
@@ -30,10 +30,8 @@ from fracture_jax.errors import UserError
 from fracture_jax.files import write_json
 from fracture_jax.inference import make_forward, predict
 from fracture_jax.metrics import epoch_metrics
-from fracture_jax.models import FractureClassifier, backbone_layers, get_spec
-from fracture_jax.weights import backbone_variables, resolve_weights
-
-INIT_SIZE = 32  # parameter shapes do not depend on the image size: initialise small
+from fracture_jax.models import builder
+from fracture_jax.models.builder import frozen_layers
 
 
 @flax.struct.dataclass
@@ -50,26 +48,12 @@ class TrainState:
 
 # ---------------------------------------------------------------- freezing
 
-def frozen_count(freeze, num_layers: int) -> int:
-    """``config.train.freeze`` ('none', 'all' or a number of leading layers) as a count."""
-    text = str(freeze).strip().lower()
-    if text in ("none", "0", "false", ""):
-        return 0
-    if text in ("all", "backbone", "true"):
-        return num_layers
-    try:
-        n = int(text)
-    except ValueError:
-        raise UserError(f"train.freeze={freeze!r}: use none, all, or a number of layers") from None
-    return max(0, min(n, num_layers))
-
-
-def split_params(params, frozen_names: frozenset):
+def split_params(params, frozen: frozenset):
     """(trainable, frozen) halves of a params tree; frozen = the named backbone layers."""
     backbone = params.get("backbone", {})
-    frozen = {k: v for k, v in backbone.items() if k in frozen_names}
-    trainable = dict(params, backbone={k: v for k, v in backbone.items() if k not in frozen_names})
-    return trainable, frozen
+    held = {k: v for k, v in backbone.items() if k in frozen}
+    trainable = dict(params, backbone={k: v for k, v in backbone.items() if k not in frozen})
+    return trainable, held
 
 
 def merge_params(trainable, frozen):
@@ -145,55 +129,30 @@ def make_train_step(model, tx, mesh, frozen_names: frozenset, config):
     return jax.jit(sharded, donate_argnums=0)
 
 
-# ---------------------------------------------------------------- model and state
+# ---------------------------------------------------------------- phases
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Phase:
     """One stretch of training with a fixed set of frozen layers and learning-rate scale."""
 
     index: int
     first_epoch: int
-    frozen: int
+    frozen: frozenset
     lr_scale: float
 
 
-def phases(config, num_layers: int) -> list[Phase]:
+def phases(config) -> list[Phase]:
     """The seed's one phase, or the two-phase recipe (head first, then unfrozen)."""
-    freeze = frozen_count(config.train.freeze, num_layers)
-    if config.train.head_epochs > 0:
-        return [Phase(0, 0, num_layers, 1.0),
-                Phase(1, config.train.head_epochs, freeze, config.train.unfreeze_lr_scale)]
+    name, t = config.model.name, config.train
+    freeze = frozen_layers(name, t.freeze)
+    if t.head_epochs > 0:
+        return [Phase(0, 0, frozen_layers(name, "all"), 1.0),
+                Phase(1, t.head_epochs, freeze, t.unfreeze_lr_scale)]
     return [Phase(0, 0, freeze, 1.0)]
 
 
 def phase_at(all_phases: list[Phase], epoch: int) -> Phase:
     return [p for p in all_phases if p.first_epoch <= epoch][-1]
-
-
-def initial_variables(config, rng):
-    """(variables, imagenet_rescaling): random init, with the pretrained backbone merged in."""
-    spec = get_spec(config.model.name)
-    path = resolve_weights(spec.name, config.model.pretrained, config.model.weights_cache)
-    module = FractureClassifier(model=spec.name, dropout_rate=config.model.dropout)
-    variables = jax.jit(module.init)(rng, jnp.zeros((1, INIT_SIZE, INIT_SIZE, 3)))
-    variables = flax.core.unfreeze(variables)
-    if path is None:
-        logging.warning("=" * 70 + "\nmodel.pretrained is None: the backbone starts from RANDOM "
-                        "weights, not ImageNet.\n" + "=" * 70)
-        return variables, False
-    loaded, rescaling = backbone_variables(spec.name, path, INIT_SIZE)
-    for collection, tree in loaded.items():
-        variables[collection]["backbone"] = tree["backbone"]
-    logging.info("backbone weights from %s%s", path,
-                 " (published layout: ImageNet std rescaling on)" if rescaling else "")
-    return variables, rescaling
-
-
-def build_model(config, frozen: int, rescaling: bool) -> FractureClassifier:
-    return FractureClassifier(model=get_spec(config.model.name).name,
-                              dropout_rate=config.model.dropout, frozen=frozen,
-                              imagenet_rescaling=rescaling, axis_name=parallel.AXIS,
-                              dtype=jnp.dtype(config.model.dtype))
 
 
 @dataclasses.dataclass
@@ -204,7 +163,6 @@ class PhaseProgram:
     model: Any
     tx: Any
     lr: Any
-    frozen_names: frozenset
     train_step: Any
     forward: Any  # images -> logits
     head_forward: Any  # pooled backbone features -> logits, when the steps take cached ones
@@ -214,20 +172,76 @@ class PhaseProgram:
         return self.head_forward is not None
 
     def init_opt_state(self, params):
-        return self.tx.init(split_params(params, self.frozen_names)[0])
+        return self.tx.init(split_params(params, self.phase.frozen)[0])
 
 
-def compile_phase(config, phase: Phase, layers: tuple, rescaling: bool, steps_per_epoch: int,
+def compile_phase(config, phase: Phase, rescaling: bool, steps_per_epoch: int,
                   mesh) -> PhaseProgram:
-    model = build_model(config, phase.frozen, rescaling)
+    model = builder.classifier(config, phase.frozen, rescaling)
     lr = learning_rate_fn(config, steps_per_epoch, phase.lr_scale)
     tx = make_optimizer(config, lr)
-    frozen_names = frozenset(layers[:phase.frozen])
-    head = (model.clone(pooled_inputs=True)
-            if feature_cache.applies(config, phase.frozen, len(layers)) else None)
-    return PhaseProgram(phase, model, tx, lr, frozen_names,
-                        make_train_step(head or model, tx, mesh, frozen_names, config),
+    whole = phase.frozen == frozen_layers(config.model.name, "all")
+    head = model.clone(pooled_inputs=True) if feature_cache.applies(config, whole) else None
+    return PhaseProgram(phase, model, tx, lr,
+                        make_train_step(head or model, tx, mesh, phase.frozen, config),
                         make_forward(model, mesh), head and make_forward(head, mesh))
+
+
+# ---------------------------------------------------------------- the loop's state
+
+@dataclasses.dataclass
+class LoopState:
+    """Where the loop stands; saved as every checkpoint's metadata (with the config)."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    phase: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    best: float | None = None
+    bad_epochs: int = 0
+
+    def running(self, config) -> bool:
+        return self.epoch < config.train.epochs and self.bad_epochs < config.train.patience
+
+    def end_epoch(self, metrics: dict, value: float, minimise: bool) -> bool:
+        """Record the epoch; whether ``value`` improved on the best (NaN never does)."""
+        improved = self.best is None or (math.isfinite(value) and (
+            value < self.best if minimise else value > self.best))
+        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self.history = self.history + [metrics]
+        self.best = value if improved else self.best
+        self.bad_epochs = 0 if improved else self.bad_epochs + 1
+        return improved
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "LoopState":
+        return cls(**{f.name: meta[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass
+class TrainOutputs:
+    """The epoch's train logits and labels so far, in buffers sized for the whole epoch."""
+
+    logits: np.ndarray
+    labels: np.ndarray
+
+    @classmethod
+    def empty(cls, examples: int) -> "TrainOutputs":
+        return cls(np.zeros(examples, np.float32), np.zeros(examples, np.int32))
+
+    def put(self, step_in_epoch: int, logits, labels):
+        """Store step ``step_in_epoch``'s batch (every batch of the epoch has one size)."""
+        n = len(labels)
+        self.logits[step_in_epoch * n:(step_in_epoch + 1) * n] = np.asarray(logits)
+        self.labels[step_in_epoch * n:(step_in_epoch + 1) * n] = np.asarray(labels)
+
+    def metrics(self) -> dict:
+        """The train metrics of the whole epoch (every step stored)."""
+        return epoch_metrics(self.logits, self.labels, "train")
+
+    def arrays(self) -> dict:
+        """As a checkpoint stores them."""
+        return dataclasses.asdict(self)
 
 
 # ---------------------------------------------------------------- the loop
@@ -252,11 +266,6 @@ class _Progress:
         self.last, self.last_step = now, i + 1
 
 
-def _predict(program, state, source, config, mesh):
-    return predict(program.forward, state.variables, source, config.model.image_size,
-                   config.train.batch_size, mesh, config.data.num_workers, config.data.prefetch)
-
-
 def _write_json(workdir: str, name: str, obj):
     """Write ``workdir/name`` atomically, from the first process only."""
     if jax.process_index() == 0:
@@ -270,154 +279,181 @@ def _tensorboard(workdir):
     return SummaryWriter(os.path.join(workdir, "tensorboard"))
 
 
+class _Trainer:
+    """One run's fixed parts (mesh, data, checkpoints, phases) and the steps of its loop."""
+
+    def __init__(self, config, workdir: str):
+        os.makedirs(workdir, exist_ok=True)
+        self.config, self.workdir, self.mesh = config, workdir, parallel.make_mesh()
+        _, self.sources = dataset.load(config, workdir)
+        self.batch = config.train.batch_size
+        if self.batch % jax.device_count():
+            raise UserError(f"train.batch_size={self.batch} does not split over "
+                            f"{jax.device_count()} devices; use a multiple of the device count")
+        self.steps = (config.train.steps_per_epoch if config.train.steps_per_epoch > 0
+                      else len(self.sources["train"]) // self.batch)
+        if self.steps < 1:
+            raise UserError(f"the train split has {len(self.sources['train'])} images, fewer "
+                            f"than one batch of {self.batch}; lower train.batch_size")
+        self.plan = phases(config)
+        self.rng = jax.random.key(config.seed)
+        self.variables, self.rescaling = builder.initial_variables(config, self.rng)
+        self.augment = Augment.from_config(config.data.augment)
+        self.metric = config.train.early_stop_metric
+        self.minimise = self.metric.endswith("loss")
+        self.ckpt = RunCheckpoints(workdir, self.metric, "min" if self.minimise else "max")
+        self.cache = None
+        self.writer = _tensorboard(workdir)
+
+    def start(self):
+        """(loop, state, outputs, program, train batches): from the latest checkpoint if any."""
+        meta = self.ckpt.latest_meta()
+        loop = LoopState() if meta is None else LoopState.from_meta(meta)
+        program = self.compile(self.plan[loop.phase])
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=self.variables["params"],
+                           batch_stats=self.variables.get("batch_stats", {}),
+                           opt_state=program.init_opt_state(self.variables["params"]))
+        outputs = TrainOutputs.empty(self.steps * self.batch)
+        batches = self.stream(program, state.variables)  # a cached phase's backbone: initial
+        if meta is not None:
+            state, arrays, _ = self.ckpt.restore_latest(state, outputs.arrays(), batches)
+            outputs = TrainOutputs(**{k: np.asarray(v) for k, v in arrays.items()})
+            logging.info("resumed from %s at step %d (epoch %d)", self.ckpt.latest.directory,
+                         int(state.step), loop.epoch + 1)
+        return loop, parallel.replicate(state, self.mesh), outputs, program, batches
+
+    def compile(self, phase: Phase) -> PhaseProgram:
+        return compile_phase(self.config, phase, self.rescaling, self.steps, self.mesh)
+
+    def stream(self, program: PhaseProgram, weights):
+        """The phase's train batches, continuing the stream where the phase before ended."""
+        c, skip = self.config, program.phase.first_epoch * self.steps
+        if not program.cached:
+            return iter(train_dataset(self.sources["train"], c.model.image_size, self.batch,
+                                      c.seed, self.augment, c.data.num_workers, c.data.prefetch,
+                                      skip))
+        logging.info("phase %d trains the head on cached backbone features (backbone frozen, "
+                     "no augmentation)", program.phase.index)
+        if self.cache is None:  # no phase before a cached one trains the backbone
+            self.cache = feature_cache.FeatureCache.compute(program.model, weights,
+                                                            self.sources, c, self.mesh)
+        return iter(self.cache.train_dataset(self.batch, c.seed, skip))
+
+    def meta(self, loop: LoopState) -> dict:
+        return dict(dataclasses.asdict(loop), config=self.config.to_dict(),
+                    imagenet_rescaling=self.rescaling, kernels=kernels.describe())
+
+    def run_epoch(self, loop: LoopState, state, outputs: TrainOutputs, program, batches):
+        """The rest of the epoch's steps; the state after them. Each step's loss is read on the
+        host (the NaN check): a step's dispatch waits for the one before."""
+        c = self.config
+        progress = _Progress(loop.epoch, c.train.epochs, self.steps, self.batch,
+                             c.train.log_every)
+        step = int(state.step)
+        for i in range(loop.step_in_epoch, self.steps):
+            host_batch = next(batches)
+            new, loss, logits = program.train_step(
+                state, parallel.shard_batch(host_batch, self.mesh), self.rng)
+            loss = float(loss)
+            if not math.isfinite(loss):
+                raise UserError(
+                    f"loss is {loss} at step {step + 1} (epoch {loop.epoch + 1}); training "
+                    f"stopped, the last good checkpoint is in {self.ckpt.latest.directory}. "
+                    "Lower optimizer.lr or set optimizer.grad_clip")
+            state, step = new, step + 1
+            outputs.put(i, logits, host_batch["label"])
+            loop.step_in_epoch = i + 1
+            if progress.due(i):
+                lr = float(program.lr(step - 1))  # the rate this step used
+                progress.log(i, loss, lr)
+                if self.writer:
+                    self.writer.add_scalar("train/loss_step", loss, step)
+                    self.writer.add_scalar("train/lr", lr, step)
+            every = c.train.checkpoint_every
+            if every > 0 and step % every == 0 and i + 1 < self.steps:
+                self.ckpt.save_latest(step, state, outputs.arrays(), batches, self.meta(loop))
+        return state
+
+    def end_epoch(self, loop: LoopState, state, outputs: TrainOutputs, program, batches):
+        """Val metrics, history, early stopping's count and the epoch's checkpoints."""
+        step = int(state.step)
+        metrics = {"epoch": loop.epoch + 1, "lr": float(program.lr(step - 1))}
+        metrics |= outputs.metrics()
+        if program.cached:
+            val = self.cache.val_logits(program.head_forward, state.variables, self.batch,
+                                        self.mesh)
+        else:
+            val = self.predict(program, state, self.sources["val"])
+        metrics |= epoch_metrics(*val, "val")
+        logging.info("epoch %d: %s", loop.epoch + 1,
+                     ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "epoch"))
+        if self.writer:
+            for k, v in metrics.items():
+                self.writer.add_scalar(k.replace("_", "/", 1), v, loop.epoch + 1)
+        value = metrics[self.metric]
+        improved = loop.end_epoch(metrics, value, self.minimise)
+        _write_json(self.workdir, "history.json", loop.history)
+        self.ckpt.save_latest(step, state, outputs.arrays(), batches, self.meta(loop))
+        if improved:
+            self.ckpt.save_best(step, state, outputs.arrays(), batches, self.meta(loop),
+                                {self.metric: value})
+
+    def predict(self, program, state, source):
+        c = self.config
+        return predict(program.forward, state.variables, source, c.model.image_size,
+                       self.batch, self.mesh, c.data.num_workers, c.data.prefetch)
+
+    def finish(self, loop: LoopState, state, program):
+        """The best state restored, scored on val and test; everything closed."""
+        if loop.bad_epochs >= self.config.train.patience:
+            logging.info("early stopping: %s did not improve for %d epochs", self.metric,
+                         self.config.train.patience)
+        best = self.ckpt.restore_best_weights()
+        if best is not None:
+            state = parallel.replicate(jax.device_get(state).replace(**best), self.mesh)
+            logging.info("restored the best state (%s %.4f, step %d)", self.metric, loop.best,
+                         int(state.step))
+        final = {split: epoch_metrics(*self.predict(program, state, source), split)
+                 for split, source in self.sources.items() if split != "train"}
+        _write_json(self.workdir, "final_metrics.json", final)
+        for split, m in final.items():
+            logging.info("final %s: %s", split, ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
+        return state
+
+    def close(self, batches):
+        if self.writer:
+            self.writer.close()
+        self.ckpt.close()
+        batches.close()  # stops grain's worker processes and frees their shared memory
+
+
 def train_and_evaluate(config, workdir: str) -> TrainState:
     """Train ``config`` in ``workdir``, resuming from its latest checkpoint if there is one.
 
     Ends with the best state (by ``train.early_stop_metric``) restored and returned, the
     history in ``workdir/history.json`` and final metrics in ``workdir/final_metrics.json``.
     """
-    os.makedirs(workdir, exist_ok=True)
-    mesh = parallel.make_mesh()
-    _, sources = dataset.load(config, workdir)
-    batch = config.train.batch_size
-    if batch % jax.device_count():
-        raise UserError(f"train.batch_size={batch} does not split over {jax.device_count()} "
-                        "devices; use a multiple of the device count")
-    steps_per_epoch = (config.train.steps_per_epoch if config.train.steps_per_epoch > 0
-                       else len(sources["train"]) // batch)
-    if steps_per_epoch < 1:
-        raise UserError(f"the train split has {len(sources['train'])} images, fewer than one "
-                        f"batch of {batch}; lower train.batch_size")
-    layers = backbone_layers(get_spec(config.model.name).name)
-    plan = phases(config, len(layers))
-    rng = jax.random.key(config.seed)
-    variables, rescaling = initial_variables(config, rng)
-    aug = Augment.from_config(config.data.augment)
-    cache = None
-
-    def train_stream(program, weights):
-        """The phase's train batches, continuing the stream where the phase before ended."""
-        nonlocal cache
-        skip = program.phase.first_epoch * steps_per_epoch
-        if not program.cached:
-            return iter(train_dataset(sources["train"], config.model.image_size, batch,
-                                      config.seed, aug, config.data.num_workers,
-                                      config.data.prefetch, skip))
-        logging.info("phase %d trains the head on cached backbone features (backbone frozen, "
-                     "no augmentation)", program.phase.index)
-        if cache is None:  # no phase before a cached one trains the backbone
-            cache = feature_cache.FeatureCache.compute(program.model, weights, sources, config,
-                                                       mesh)
-        return iter(cache.train_dataset(batch, config.seed, skip))
-
-    minimise = config.train.early_stop_metric.endswith("loss")
-    ckpt = RunCheckpoints(workdir, config.train.early_stop_metric, "min" if minimise else "max")
-
-    meta = {"epoch": 0, "step_in_epoch": 0, "phase": 0, "history": [], "best": None,
-            "bad_epochs": 0, "acc_logits": [], "acc_labels": []}
-    resumed = ckpt.latest_meta()
-    meta = resumed or meta
-    program = compile_phase(config, plan[meta["phase"]], layers, rescaling, steps_per_epoch,
-                            mesh)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                       batch_stats=variables.get("batch_stats", {}),
-                       opt_state=program.init_opt_state(variables["params"]))
-    train_iter = train_stream(program, state.variables)  # a cached phase's backbone: the initial
-    if resumed is not None:
-        state, meta = ckpt.restore_latest(state, train_iter)
-        logging.info("resumed from %s at step %d (epoch %d)", ckpt.latest.directory,
-                     int(state.step), meta["epoch"] + 1)
-    state = parallel.replicate(state, mesh)
-    writer = _tensorboard(workdir)
-
-    def checkpoint_meta():
-        return dict(meta, config=config.to_dict(), imagenet_rescaling=rescaling)
-
-    epoch = meta["epoch"]
-    while epoch < config.train.epochs and meta["bad_epochs"] < config.train.patience:
-        phase = phase_at(plan, epoch)
-        if phase.index != program.phase.index:
-            logging.info("phase %d from epoch %d: %d frozen layers, lr x%g", phase.index,
-                         epoch + 1, phase.frozen, phase.lr_scale)
-            program = compile_phase(config, phase, layers, rescaling, steps_per_epoch, mesh)
-            host = jax.device_get(state)
-            state = parallel.replicate(host.replace(
-                opt_state=program.init_opt_state(host.params)), mesh)
-            meta["phase"] = phase.index
-            train_iter.close()
-            train_iter = train_stream(program, state.variables)
-        progress = _Progress(epoch, config.train.epochs, steps_per_epoch, batch,
-                             config.train.log_every)
-        global_step = int(state.step)  # kept on the host from here: no device sync per step
-        for i in range(meta["step_in_epoch"], steps_per_epoch):
-            host_batch = next(train_iter)
-            state_next, loss, logits = program.train_step(
-                state, parallel.shard_batch(host_batch, mesh), rng)
-            loss = float(loss)
-            if not math.isfinite(loss):
-                raise UserError(
-                    f"loss is {loss} at step {global_step + 1} (epoch {epoch + 1}); training "
-                    f"stopped, the last good checkpoint is in {ckpt.latest.directory}. Lower "
-                    "optimizer.lr or set optimizer.grad_clip")
-            state, global_step = state_next, global_step + 1
-            meta["acc_logits"] += np.asarray(logits, np.float64).tolist()
-            meta["acc_labels"] += np.asarray(host_batch["label"]).tolist()
-            meta["step_in_epoch"] = i + 1
-            if progress.due(i):
-                lr = float(program.lr(global_step - 1))  # the rate this step used
-                progress.log(i, loss, lr)
-                if writer:
-                    writer.add_scalar("train/loss_step", loss, global_step)
-                    writer.add_scalar("train/lr", lr, global_step)
-            every = config.train.checkpoint_every
-            if every > 0 and global_step % every == 0 and i + 1 < steps_per_epoch:
-                ckpt.save_latest(global_step, state, train_iter, checkpoint_meta())
-
-        metrics = {"epoch": epoch + 1, "lr": float(program.lr(global_step - 1))}
-        metrics |= epoch_metrics(meta["acc_logits"], meta["acc_labels"], "train")
-        if program.cached:
-            val_logits, val_labels = cache.val_logits(program.head_forward, state.variables,
-                                                      batch, mesh)
-        else:
-            val_logits, val_labels = _predict(program, state, sources["val"], config, mesh)
-        metrics |= epoch_metrics(val_logits, val_labels, "val")
-        logging.info("epoch %d: %s", epoch + 1,
-                     ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "epoch"))
-        if writer:
-            for k, v in metrics.items():
-                writer.add_scalar(k.replace("_", "/", 1), v, epoch + 1)
-        value = metrics[config.train.early_stop_metric]
-        improved = meta["best"] is None or (math.isfinite(value) and (
-            value < meta["best"] if minimise else value > meta["best"]))
-        meta.update(epoch=epoch + 1, step_in_epoch=0, acc_logits=[], acc_labels=[],
-                    history=meta["history"] + [metrics],
-                    best=value if improved else meta["best"],
-                    bad_epochs=0 if improved else meta["bad_epochs"] + 1)
-        _write_json(workdir, "history.json", meta["history"])
-        ckpt.save_latest(global_step, state, train_iter, checkpoint_meta())
-        if improved:
-            ckpt.save_best(global_step, state, train_iter, checkpoint_meta(),
-                           {config.train.early_stop_metric: value})
-        epoch += 1
-    if meta["bad_epochs"] >= config.train.patience:
-        logging.info("early stopping: %s did not improve for %d epochs",
-                     config.train.early_stop_metric, config.train.patience)
-
-    best = ckpt.restore_best_weights()
-    if best is not None:
-        state = parallel.replicate(jax.device_get(state).replace(**best), mesh)
-        logging.info("restored the best state (%s %.4f, step %d)",
-                     config.train.early_stop_metric, meta["best"], int(state.step))
-    final = {split: epoch_metrics(*_predict(program, state, src, config, mesh), split)
-             for split, src in sources.items() if split != "train"}
-    _write_json(workdir, "final_metrics.json", final)
-    for split, m in final.items():
-        logging.info("final %s: %s", split, ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
-    if writer:
-        writer.close()
-    ckpt.close()
-    train_iter.close()  # stops grain's worker processes and frees their shared memory
+    run = _Trainer(config, workdir)
+    loop, state, outputs, program, batches = run.start()
+    try:
+        while loop.running(config):
+            phase = phase_at(run.plan, loop.epoch)
+            if phase.index != program.phase.index:  # the two-phase recipe unfreezes
+                logging.info("phase %d from epoch %d: %d frozen layers, lr x%g", phase.index,
+                             loop.epoch + 1, len(phase.frozen), phase.lr_scale)
+                program, loop.phase = run.compile(phase), phase.index
+                host = jax.device_get(state)
+                state = parallel.replicate(
+                    host.replace(opt_state=program.init_opt_state(host.params)), run.mesh)
+                batches.close()
+                batches = run.stream(program, state.variables)
+            state = run.run_epoch(loop, state, outputs, program, batches)
+            run.end_epoch(loop, state, outputs, program, batches)
+        state = run.finish(loop, state, program)
+    finally:
+        run.close(batches)
     print(f"training done: history {os.path.join(workdir, 'history.json')}, metrics "
           f"{os.path.join(workdir, 'final_metrics.json')}, checkpoints "
-          f"{os.path.join(workdir, 'checkpoints')}, TensorBoard {os.path.join(workdir, 'tensorboard')}")
+          f"{os.path.join(workdir, 'checkpoints')}, TensorBoard "
+          f"{os.path.join(workdir, 'tensorboard')}")
     return jax.device_get(state)

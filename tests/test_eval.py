@@ -21,7 +21,8 @@ from fracture_jax.data.pipeline import example_at
 from fracture_jax.gradcam import grad_cam
 from fracture_jax.inference import make_forward, predict
 from fracture_jax.models import FractureClassifier, backbone_layers
-from fracture_jax.train import Phase, TrainState, compile_phase, initial_variables
+from fracture_jax.models.builder import initial_variables
+from fracture_jax.train import Phase, TrainState, compile_phase
 from test_train import tiny_config
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -79,8 +80,7 @@ def test_grad_cam_highlights_the_region_that_carries_the_signal():
                             "optimizer.lr": 3e-3, "train.batch_size": 32})
     mesh = parallel.make_mesh(jax.devices()[:1])
     variables, _ = initial_variables(config, jax.random.key(0))
-    program = compile_phase(config, Phase(0, 0, 0, 1.0), backbone_layers("smallcnn"), False, 10,
-                            mesh)
+    program = compile_phase(config, Phase(0, 0, frozenset(), 1.0), False, 10, mesh)
     state = parallel.replicate(TrainState(jnp.zeros((), jnp.int32), variables["params"],
                                           variables["batch_stats"],
                                           program.init_opt_state(variables["params"])), mesh)

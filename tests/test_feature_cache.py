@@ -20,18 +20,18 @@ NO_AUGMENTATION = {"data.augment.flip": False, "data.augment.rotate_deg": 0.0,
 
 def test_when_features_are_cached():
     plain = tiny_config(**NO_AUGMENTATION)
-    assert applies(plain, 16, 16)
-    assert not applies(plain, 15, 16)  # a trainable backbone layer
-    assert not applies(tiny_config(), 16, 16)  # augmentation on
-    assert not applies(tiny_config(**{**NO_AUGMENTATION, "data.augment.flip": True}), 16, 16)
-    assert not applies(tiny_config(**NO_AUGMENTATION, **{"train.cache_features": "off"}), 16, 16)
+    assert applies(plain, backbone_frozen=True)
+    assert not applies(plain, backbone_frozen=False)  # a trainable backbone layer
+    assert not applies(tiny_config(), True)  # augmentation on
+    assert not applies(tiny_config(**{**NO_AUGMENTATION, "data.augment.flip": True}), True)
+    assert not applies(tiny_config(**NO_AUGMENTATION, **{"train.cache_features": "off"}), True)
     effnet = tiny_config(**NO_AUGMENTATION, **{"model.name": "efficientnetb2"})
-    assert not applies(effnet, 300, 300)  # drop-connect is random even in a frozen backbone
+    assert not applies(effnet, True)  # drop-connect is random even in a frozen backbone
     effnet.train.cache_features = "force"
-    assert applies(effnet, 300, 300)
+    assert applies(effnet, True)
     effnet.train.cache_features = "sometimes"
     with pytest.raises(UserError, match="auto, force, off"):
-        applies(effnet, 300, 300)
+        applies(effnet, True)
 
 
 def _train(phantom_root, workdir, cache):

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from fracture_jax import host_memory
+from fracture_jax.kernels import host_memory
 
-SHOW = ("from fracture_jax.host_memory import restart_with_tunables as r; r(); "
+SHOW = ("from fracture_jax.kernels.host_memory import restart_with_tunables as r; r(); "
         "import os; print(os.environ.get('GLIBC_TUNABLES', ''))")
 ARENAS = "glibc.malloc.arena_max=2"
 

@@ -13,7 +13,9 @@ import pytest
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from fracture_jax.models import cpu_ffi, layers, native, onednn, winograd
+from fracture_jax import kernels
+from fracture_jax.kernels import conv, ffi, native, onednn, winograd
+from fracture_jax.models import layers
 
 CASES = [(13, 11, 3, 1, "SAME"), (13, 12, 3, 2, "SAME"), (14, 14, 5, 2, "SAME"),
          (9, 10, 5, 1, "VALID"), (16, 16, 3, 2, ((0, 1), (0, 1))), (17, 15, 5, 2, "VALID")]
@@ -70,7 +72,7 @@ def test_onednn_loads_where_its_wheel_exists():
     """requirements.txt installs oneDNN's library on x86-64 Linux; elsewhere XLA's paths run."""
     if sys.platform == "linux" and platform.machine() == "x86_64":
         assert onednn.available()
-    code = "from fracture_jax.models import onednn; print(onednn.available())"
+    code = "from fracture_jax.kernels import onednn; print(onednn.available())"
     off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "FRACTURE_JAX_ONEDNN": "0"})
     assert off.stdout.strip() == "False"
@@ -89,10 +91,10 @@ def test_onednn_value_and_gradients_match_xla(h, w, k, strides, padding, cin, co
     rng = np.random.default_rng(k * 100 + h)
     x = jnp.asarray(rng.standard_normal((3, h, w, cin)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((k, k, cin, cout)), jnp.float32)
-    grad = jax.jit(jax.grad(loss(layers.conv2d, strides, padding), (0, 1)))
+    grad = jax.jit(jax.grad(loss(kernels.conv2d, strides, padding), (0, 1)))
     calls = str(jax.make_jaxpr(grad)(x, kernel)).count("ffi_call")
     assert calls == (1 if k == 1 else 3)  # a 1x1 kernel's gradients are matmuls
-    assert relative(jax.jit(layers.conv2d, static_argnums=(2, 3))(x, kernel, strides, padding),
+    assert relative(jax.jit(kernels.conv2d, static_argnums=(2, 3))(x, kernel, strides, padding),
                     xla_conv(x, kernel, strides, padding)) < 1e-6
     want = jax.grad(loss(xla_conv, strides, padding), (0, 1))(x, kernel)
     for g, r in zip(grad(x, kernel), want):
@@ -105,11 +107,11 @@ def test_native_kernel_failure_reaches_the_caller():
     def failing(args, rets):
         raise ValueError("plan says no")
 
-    plan = cpu_ffi.register(failing)
+    plan = ffi.register(failing)
     with pytest.raises(Exception, match="native kernel: ValueError.*plan says no"):
-        jax.block_until_ready(jax.jit(lambda x: cpu_ffi.call(plan, (2,), x))(jnp.ones(2)))
+        jax.block_until_ready(jax.jit(lambda x: ffi.call(plan, (2,), x))(jnp.ones(2)))
     with pytest.raises(Exception, match="native kernel: IndexError"):
-        jax.block_until_ready(jax.jit(lambda x: cpu_ffi.call(10**9, (2,), x))(jnp.ones(2)))
+        jax.block_until_ready(jax.jit(lambda x: ffi.call(10**9, (2,), x))(jnp.ones(2)))
 
 
 @pytest.mark.parametrize("with_onednn", [True, False])
@@ -123,10 +125,10 @@ def test_depthwise_value_and_gradients_match_xla(h, w, k, strides, padding, with
     batch = 12 if strides == 1 else 10  # folded in 6 and 5 interleaved slices
     x = jnp.asarray(rng.standard_normal((batch, h, w, 4)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((k, k, 4, 1)), jnp.float32)
-    ours = layers.depthwise_conv2d(x, kernel, strides, padding)
+    ours = kernels.depthwise_conv2d(x, kernel, strides, padding)
     ref = xla_depthwise(x, kernel, strides, padding)
     assert ours.shape == ref.shape and relative(ours, ref) < 1e-6
-    got = jax.grad(loss(layers.depthwise_conv2d, strides, padding), (0, 1))(x, kernel)
+    got = jax.grad(loss(kernels.depthwise_conv2d, strides, padding), (0, 1))(x, kernel)
     want = jax.grad(loss(xla_depthwise, strides, padding), (0, 1))(x, kernel)
     for g, r in zip(got, want):
         assert g.shape == r.shape and relative(g, r) < 1e-5
@@ -136,24 +138,24 @@ def test_depthwise_value_and_gradients_match_xla(h, w, k, strides, padding, with
 @pytest.mark.parametrize("h,w,k,strides,padding,cout", DENSE)
 def test_dense_value_and_gradients_match_xla(h, w, k, strides, padding, cout):
     rng = np.random.default_rng(k * 100 + h)
-    cin = layers._MATMUL_GRADIENT_MIN_CHANNELS  # the fewest that take the matmul gradient
+    cin = conv.MATMUL_GRADIENT_MIN_CHANNELS  # the fewest that take the matmul gradient
     x = jnp.asarray(rng.standard_normal((3, h, w, cin)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((k, k, cin, cout)), jnp.float32)
-    assert "custom_vjp" in str(jax.make_jaxpr(layers.conv2d, static_argnums=(2, 3))(
+    assert "custom_vjp" in str(jax.make_jaxpr(kernels.conv2d, static_argnums=(2, 3))(
         x, kernel, strides, padding))
-    assert relative(layers.conv2d(x, kernel, strides, padding),
+    assert relative(kernels.conv2d(x, kernel, strides, padding),
                     xla_conv(x, kernel, strides, padding)) == 0  # the forward is XLA's own
-    got = jax.grad(loss(layers.conv2d, strides, padding), (0, 1))(x, kernel)
+    got = jax.grad(loss(kernels.conv2d, strides, padding), (0, 1))(x, kernel)
     want = jax.grad(loss(xla_conv, strides, padding), (0, 1))(x, kernel)
     for g, r in zip(got, want):
         assert g.shape == r.shape and relative(g, r) < 1e-5
 
 
 @pytest.mark.parametrize("conv,reference,kernel_shape,with_onednn", [
-    (layers.depthwise_conv2d, xla_depthwise, (3, 3, 3, 1), False),
-    (layers.depthwise_conv2d, xla_depthwise, (3, 3, 3, 1), True),
-    (layers.conv2d, xla_conv, (3, 3, layers._MATMUL_GRADIENT_MIN_CHANNELS, 5), False),
-    (layers.conv2d, xla_conv, (3, 3, 4, 5), True)])
+    (kernels.depthwise_conv2d, xla_depthwise, (3, 3, 3, 1), False),
+    (kernels.depthwise_conv2d, xla_depthwise, (3, 3, 3, 1), True),
+    (kernels.conv2d, xla_conv, (3, 3, conv.MATMUL_GRADIENT_MIN_CHANNELS, 5), False),
+    (kernels.conv2d, xla_conv, (3, 3, 4, 5), True)])
 def test_kernel_gradient_sums_over_devices(conv, reference, kernel_shape, with_onednn, request):
     """Inside shard_map the replicated kernel's gradient is the sum of every device's share,
     as JAX gives it for its own convolution (oneDNN's runs on every device at once)."""
@@ -176,9 +178,9 @@ def test_pointwise_value_and_gradients_match_xla(strides):
     rng = np.random.default_rng(strides)
     x = jnp.asarray(rng.standard_normal((3, 9, 8, 6)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((1, 1, 6, 5)), jnp.float32)
-    assert relative(layers.conv2d(x, kernel, strides, "VALID"),
+    assert relative(kernels.conv2d(x, kernel, strides, "VALID"),
                     xla_conv(x, kernel, strides, "VALID")) < 1e-6
-    grad = jax.grad(loss(layers.conv2d, strides, "VALID"), (0, 1))
+    grad = jax.grad(loss(kernels.conv2d, strides, "VALID"), (0, 1))
     dots = [e for e in jax.make_jaxpr(grad)(x, kernel).eqns if e.primitive.name == "dot_general"]
     assert len(dots) == 3 and all(v.aval.ndim == 2 for e in dots for v in e.invars)
     want = jax.grad(loss(xla_conv, strides, "VALID"), (0, 1))(x, kernel)
@@ -194,9 +196,9 @@ def test_dense_gradient_path_choice(cin, strides, custom):
     rng = np.random.default_rng(cin)
     x = jnp.asarray(rng.standard_normal((4, 12, 12, cin)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((3, 3, cin, 4)), jnp.float32)
-    jaxpr = str(jax.make_jaxpr(layers.conv2d, static_argnums=(2, 3))(x, kernel, strides, "SAME"))
+    jaxpr = str(jax.make_jaxpr(kernels.conv2d, static_argnums=(2, 3))(x, kernel, strides, "SAME"))
     assert ("custom_vjp" in jaxpr) == custom
-    got = jax.grad(loss(layers.conv2d, strides, "SAME"), (0, 1))(x, kernel)
+    got = jax.grad(loss(kernels.conv2d, strides, "SAME"), (0, 1))(x, kernel)
     want = jax.grad(loss(xla_conv, strides, "SAME"), (0, 1))(x, kernel)
     for g, r in zip(got, want):
         assert relative(g, r) < 1e-5
@@ -225,8 +227,8 @@ def test_onednn_epilogue_matches_xla_with_gradients(k, strides, depthwise, activ
     x = jnp.asarray(rng.standard_normal((2, 9, 9, 6)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((k, k, 6, 1 if depthwise else 5)) * 0.3,
                          jnp.float32)
-    ours, theirs = ((layers.depthwise_conv2d, xla_depthwise) if depthwise
-                    else (layers.conv2d, xla_conv))
+    ours, theirs = ((kernels.depthwise_conv2d, xla_depthwise) if depthwise
+                    else (kernels.conv2d, xla_conv))
     operands = epilogue_operands(rng, theirs(x, kernel, strides, "SAME").shape)
 
     def fused(x, kernel, *operands):
@@ -259,7 +261,7 @@ def test_epilogue_gradients_sum_over_devices(with_onednn, request):
 
     def loss(x, kernel, bias, scale, shift):
         steps = (("add", bias), ("mul", scale), ("add", shift), ("relu", None))
-        return jnp.sum(jnp.sin(layers.conv2d(x, kernel, 1, "SAME", steps)))
+        return jnp.sum(jnp.sin(kernels.conv2d(x, kernel, 1, "SAME", steps)))
 
     got = sharded_over_batch(jax.grad(loss, (1, 2, 3, 4)), x, kernel, bias, scale, shift)
     with pytest.MonkeyPatch.context() as patch:
@@ -276,7 +278,7 @@ def test_epilogue_refuses_other_steps(steps):
     and only these steps."""
     x, kernel = jnp.ones((1, 4, 4, 2)), jnp.ones((1, 1, 2, 2))
     with pytest.raises(ValueError, match="can end in a ReLU or a swish"):
-        layers.conv2d(x, kernel, 1, "VALID", steps)
+        kernels.conv2d(x, kernel, 1, "VALID", steps)
 
 
 def test_relu_gradient_matches_jax():
@@ -393,7 +395,7 @@ def test_winograd_layer_in_the_onednn_path_matches_xla():
     assert winograd.pays(x.shape, kernel.shape, 1, ((1, 1), (1, 1)))
 
     def ours(x, kernel, bias):
-        return layers.conv2d(x, kernel, 1, "SAME", (("add", bias), ("relu", None)))
+        return kernels.conv2d(x, kernel, 1, "SAME", (("add", bias), ("relu", None)))
 
     def reference(x, kernel, bias):
         return jax.nn.relu(xla_conv(x, kernel, 1, "SAME") + bias)

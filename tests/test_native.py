@@ -1,26 +1,30 @@
-"""The C kernels: compiled once into the cache, equal to their XLA versions, and a clear
-fallback where no compiler works."""
+"""The native kernels: compiled once into the cache, equal to their XLA versions, a clear
+fallback where no compiler works, and the FFI handler built against jaxlib's headers."""
 
 import logging
 import os
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fracture_jax.models import native, winograd
+from fracture_jax.kernels import ffi, native, policy, winograd
 
 
 @pytest.fixture
 def fresh(monkeypatch, tmp_path):
     """An empty kernel cache, and no library or plan left from earlier tests."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    for cached in (native.library, winograd._native_transform_plan):
+    caches = (policy.switches, native.library, winograd.native_transform,
+              winograd._native_transform_plan)
+    for cached in caches:
         cached.cache_clear()
     yield tmp_path
-    for cached in (native.library, winograd._native_transform_plan):
+    monkeypatch.undo()
+    for cached in caches:
         cached.cache_clear()
 
 
@@ -64,5 +68,25 @@ def test_without_a_working_compiler_xla_computes_the_same(fresh, monkeypatch, ca
 
 
 def test_opt_out_keeps_xla(fresh, monkeypatch):
-    monkeypatch.setenv(native.OPT_OUT, "0")
+    monkeypatch.setenv("FRACTURE_JAX_NATIVE", "0")
+    policy.switches.cache_clear()
     assert native.library("winograd") is None
+
+
+def test_the_ffi_handler_is_compiled_against_jaxlibs_headers(fresh):
+    """C++ against ``jax.ffi.include_dir()``: the key changes with the headers, so a jaxlib
+    with another FFI gets a handler built for it; the registered handler runs plans."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler on this machine")
+    source = Path(native.__file__).with_name("ffi_handler.cc")
+    compiler, flags, depends = native._command(source)
+    assert f"-I{jax.ffi.include_dir()}" in flags
+    assert "XLA_FFI_API_MAJOR" in depends  # the headers' text is part of the cache key
+    library = native.build("ffi_handler")
+    assert library.parent == fresh / "fracture_jax" / "native"
+    assert ffi.available()
+    seen = []
+    plan = ffi.register(lambda args, rets: seen.append((len(args), len(rets))))
+    jax.block_until_ready(jax.jit(lambda x, y: ffi.call(plan, (2,), x, y))(jnp.ones(2),
+                                                                          jnp.ones(3)))
+    assert seen == [(2, 1)]

@@ -13,8 +13,9 @@ from configs import default
 from fracture_jax import parallel
 from fracture_jax.errors import UserError
 from fracture_jax.models import backbone_layers
-from fracture_jax.train import (Phase, TrainState, bce_loss, compile_phase, frozen_count,
-                                initial_variables, learning_rate_fn, train_and_evaluate)
+from fracture_jax.models.builder import frozen_layers, initial_variables
+from fracture_jax.train import (Phase, TrainState, bce_loss, compile_phase, learning_rate_fn,
+                                train_and_evaluate)
 
 
 def tiny_config(**overrides):
@@ -33,9 +34,8 @@ def tiny_config(**overrides):
 
 def run_steps(config, devices, frozen, batches, steps=3):
     mesh = parallel.make_mesh(devices)
-    layers = backbone_layers(config.model.name)
     variables, _ = initial_variables(config, jax.random.key(0))
-    program = compile_phase(config, Phase(0, 0, frozen, 1.0), layers, False, 10, mesh)
+    program = compile_phase(config, Phase(0, 0, frozen, 1.0), False, 10, mesh)
     state = parallel.replicate(TrainState(jnp.zeros((), jnp.int32), variables["params"],
                                           variables["batch_stats"],
                                           program.init_opt_state(variables["params"])), mesh)
@@ -57,7 +57,7 @@ def test_one_two_and_eight_devices_agree():
     assert jax.device_count() == 8
     config = tiny_config(**{"optimizer.momentum": 0.0})
     batches = _batches(3)
-    results = [run_steps(config, jax.devices()[:n], 0, batches)[1] for n in (1, 2, 8)]
+    results = [run_steps(config, jax.devices()[:n], frozenset(), batches)[1] for n in (1, 2, 8)]
     start = initial_variables(config, jax.random.key(0))[0]
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), results[0].params,
                                          start["params"]))
@@ -72,8 +72,9 @@ def test_one_two_and_eight_devices_agree():
 def test_frozen_layers_and_their_batchnorm_do_not_change(freeze):
     config = tiny_config()
     layers = backbone_layers("smallcnn")
-    n = frozen_count(freeze, len(layers))
-    before, after = run_steps(config, jax.devices()[:2], n, _batches(3))
+    frozen = frozen_layers("smallcnn", freeze)
+    assert len(frozen) == (len(layers) if freeze == "all" else 3)
+    before, after = run_steps(config, jax.devices()[:2], frozen, _batches(3))
     for name in layers:
         for collection in ("params", "batch_stats"):
             old = before[collection]["backbone"].get(name)
@@ -83,7 +84,7 @@ def test_frozen_layers_and_their_batchnorm_do_not_change(freeze):
                 continue
             same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(old),
                                                             jax.tree.leaves(new)))
-            assert same == (name in layers[:n]), (name, collection)
+            assert same == (name in frozen), (name, collection)
     head_old = before["params"]["fracture_logit"]["kernel"]
     assert not np.array_equal(head_old, after.params["fracture_logit"]["kernel"])
 
@@ -92,20 +93,24 @@ def test_frozen_layers_get_no_gradient_computed():
     """The optimizer state covers only the trainable layers: frozen ones are not in the
     differentiated tree at all (not merely zero-updated)."""
     config = tiny_config(**{"optimizer.name": "adam"})
-    layers = backbone_layers("smallcnn")
     variables, _ = initial_variables(config, jax.random.key(0))
-    program = compile_phase(config, Phase(0, 0, len(layers), 1.0), layers, False, 10,
-                            parallel.make_mesh(jax.devices()[:1]))
+    program = compile_phase(config, Phase(0, 0, frozen_layers("smallcnn", "all"), 1.0), False,
+                            10, parallel.make_mesh(jax.devices()[:1]))
     opt_state = program.init_opt_state(variables["params"])
     mu = opt_state[0].mu
     assert set(mu["backbone"]) == set() and set(mu) == {"backbone", "fracture_logit"}
 
 
 def test_freeze_values():
-    assert frozen_count("none", 10) == 0 and frozen_count("all", 10) == 10
-    assert frozen_count("4", 10) == 4 and frozen_count(40, 10) == 10
+    """The setting as layer names, the leading ones in Keras' order (conv before its BN)."""
+    layers = backbone_layers("smallcnn")
+    assert layers[:3] == ("block1_conv1", "block1_bn1", "block1_conv2")
+    assert frozen_layers("smallcnn", "none") == frozenset()
+    assert frozen_layers("smallcnn", "all") == frozenset(layers)
+    assert frozen_layers("smallcnn", "4") == frozenset(layers[:4])
+    assert frozen_layers("smallcnn", 40) == frozenset(layers)
     with pytest.raises(UserError):
-        frozen_count("half", 10)
+        frozen_layers("smallcnn", "half")
 
 
 def test_schedules():

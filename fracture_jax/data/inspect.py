@@ -1,6 +1,5 @@
 """``--mode=inspect``: the data summary (counts, skipped files, duplicates) and a sample grid."""
 
-import json
 import os
 
 import matplotlib
@@ -13,6 +12,7 @@ from fracture_jax.data import dataset  # noqa: E402
 from fracture_jax.data.augment import resize  # noqa: E402
 from fracture_jax.data.decode import decode  # noqa: E402
 from fracture_jax.data.scan import CLASS_NAMES  # noqa: E402
+from fracture_jax.files import atomic_path, write_json  # noqa: E402
 
 
 def summary(report) -> str:
@@ -45,7 +45,8 @@ def sample_grid(sources, path: str, per_class: int = 6, size: int = 160, seed: i
         for ax in axes[label]:
             ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
 
@@ -55,7 +56,7 @@ def inspect_dataset(config, workdir: str):
     print(summary(report))
     grid = os.path.join(workdir, "samples.png")
     sample_grid(sources, grid, seed=config.seed)
-    with open(os.path.join(workdir, "data_summary.json"), "w") as f:
-        json.dump({"root": report.root, "counts": report.counts(), "skipped": report.skipped,
-                   "duplicates": report.duplicates, "leakage": report.leakage}, f, indent=1)
+    write_json(os.path.join(workdir, "data_summary.json"),
+               {"root": report.root, "counts": report.counts(), "skipped": report.skipped,
+                "duplicates": report.duplicates, "leakage": report.leakage})
     print(f"sample grid: {grid}")

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from fracture_jax.data.scan import CLASS_NAMES
+
 SPLITS = {"train": 1.0, "val": 0.25, "test": 0.25}  # images per class, relative to train
 
 
@@ -121,7 +123,7 @@ def write_phantoms(root: str, per_class: int = 120, size: int = 256, seed: int =
         return root
     for s, (split, frac) in enumerate(SPLITS.items()):
         n = max(2, round(per_class * frac))
-        for label, cls in enumerate(("not_fractured", "fractured")):
+        for label, cls in enumerate(CLASS_NAMES):
             folder = root / split / cls
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):

@@ -19,7 +19,8 @@ from fracture_jax.data.builder import report_path
 from fracture_jax.errors import UserError
 from fracture_jax.files import atomic_path, write_json
 from fracture_jax.export.keras_files import keras_layer_arrays, write_keras, write_legacy_h5
-from fracture_jax.models import get_spec, layers
+from fracture_jax.kernels import portable
+from fracture_jax.models import get_spec
 from fracture_jax.scoring import CLASS_NAMES
 
 FORMATS = {"h5": None, "keras": "keras", "onnx": "onnx"}  # format -> package it needs
@@ -51,7 +52,7 @@ def write_onnx(path: str, model, variables: dict, image_size: int) -> str:
         return jax.nn.sigmoid(model.apply(variables, images, train=False))
 
     example = np.zeros((1, image_size, image_size, 3), np.float32)
-    with layers.portable():
+    with portable():
         proto = to_onnx(probability, example, doc="fracture_jax: probability of fractured")
     with atomic_path(path) as tmp:
         onnx.save(proto, tmp)
@@ -68,24 +69,15 @@ def _data_summary(config, workdir: str) -> dict | None:
             "duplicate_groups": len(report.get("duplicates", []))}
 
 
-def _threshold(workdir: str) -> dict:
-    path = os.path.join(workdir, "eval", "threshold.json")
-    if not os.path.isfile(path):
-        raise UserError(f"{path} not found: run --mode=eval --workdir={workdir} first, which "
-                        "chooses the operating threshold on val")
-    with open(path) as f:
-        return json.load(f)
-
-
 def export_run(config, workdir: str) -> dict:
     """Write the requested formats of ``workdir``'s best checkpoint; return {format: path}."""
-    from fracture_jax.evaluate import load_member
+    from fracture_jax.evaluate import load_member, read_threshold
 
     member = load_member(workdir)
     run = member.config
     spec = get_spec(run.model.name)
     wanted = _requested(config.export.formats, spec.name)
-    threshold = _threshold(workdir)
+    threshold = read_threshold(workdir)
     out_dir = os.path.join(workdir, "export")
     os.makedirs(out_dir, exist_ok=True)
     size = run.model.image_size

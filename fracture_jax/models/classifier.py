@@ -12,8 +12,8 @@ class FractureClassifier(nn.Module):
     """RGB 0-255 images (N, H, W, 3) -> pooled features (N, C), or a fractured logit (N,).
 
     With ``include_head`` the seed's head follows the pooling: dropout, then one dense unit
-    (``fracture_logit``) whose sigmoid is the probability of *fractured*. ``frozen`` counts
-    leading backbone layers with weights, in Keras order (a large number freezes them all).
+    (``fracture_logit``) whose sigmoid is the probability of *fractured*. ``frozen`` names the
+    frozen backbone layers (``freezing.frozen_layers``).
     With ``pooled_inputs`` the inputs are already pooled backbone features (N, C): only the
     head runs (training on cached features).
     """
@@ -21,17 +21,18 @@ class FractureClassifier(nn.Module):
     model: str = "efficientnetb2"
     include_head: bool = True
     dropout_rate: float = 0.2
-    frozen: int = 0
+    frozen: frozenset = frozenset()
     imagenet_rescaling: bool = False
     pooled_inputs: bool = False
     axis_name: str | None = None
     dtype: jnp.dtype = jnp.float32
 
     def backbone(self):
+        spec = get_spec(self.model)
         kw = dict(frozen=self.frozen, axis_name=self.axis_name, dtype=self.dtype, name="backbone")
-        if self.model.startswith("efficientnet"):
+        if spec.std_rescaling:
             kw["imagenet_rescaling"] = self.imagenet_rescaling
-        return get_spec(self.model).build(**kw)
+        return spec.build(**kw)
 
     @nn.compact
     def __call__(self, images, train: bool = False, return_maps: bool = False):
@@ -49,7 +50,8 @@ class FractureClassifier(nn.Module):
 
 
 def backbone_layers(model: str, image_size: int = 32) -> tuple[str, ...]:
-    """The backbone's layers with weights, in Keras' order (the order ``frozen`` counts in)."""
+    """The backbone's layers with weights, in Keras' order: the one place that order comes from
+    (the layers record themselves as they are built, ``layers.layers_built``)."""
     module = FractureClassifier(model=model, include_head=False)
     with L.layers_built() as names:
         jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))

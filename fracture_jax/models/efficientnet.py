@@ -44,32 +44,29 @@ class EfficientNet(nn.Module):
 
     ``imagenet_rescaling`` adds the extra ``1/sqrt(std)`` scaling Keras inserts on its
     ``weights="imagenet"`` path (the published files store std where the variance belongs).
-    ``frozen`` is the number of leading layers (with weights, in Keras order) that are frozen.
+    ``frozen`` names the frozen layers.
     """
 
     variant: str = "b2"
     imagenet_rescaling: bool = False
-    frozen: int = 0
+    frozen: frozenset = frozenset()
     axis_name: str | None = None
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         width, depth, _, _ = VARIANTS[self.variant]
-        count = iter(range(10**6))
-
         def layer(cls, name, **kw):
-            return cls(name=name, frozen=next(count) < self.frozen, dtype=self.dtype, **kw)
+            return cls(name=name, frozen=name in self.frozen, dtype=self.dtype, **kw)
 
         def bn(name):
             return layer(L.BatchNormalization, name, epsilon=1e-3, axis_name=self.axis_name)
 
         x = x.astype(jnp.float32) * jnp.float32(1.0 / 255.0)
         x = L.Normalization(name="normalization")(x)
-        next(count)
         if self.imagenet_rescaling:
             x = x * jnp.asarray([1.0 / math.sqrt(s) for s in IMAGENET_STDDEV_RGB], jnp.float32)
-        if self.frozen > 0:
+        if self.frozen:
             x = lax.stop_gradient(x)
         x = x.astype(self.dtype)
 

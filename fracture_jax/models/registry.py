@@ -48,6 +48,8 @@ class ModelSpec:
     # the Keras model expects on RGB 0-255 (None: it takes RGB 0-255 itself)
     drops_paths: bool = False  # the backbone drops residual paths at random in training, even
     # when frozen (EfficientNet's drop-connect, as in Keras)
+    std_rescaling: bool = False  # the backbone takes ``imagenet_rescaling``: Keras' extra
+    # 1/sqrt(std) on its weights="imagenet" path, on when the published file is loaded
 
 
 def _effnet(variant: str) -> ModelSpec:
@@ -60,7 +62,7 @@ def _effnet(variant: str) -> ModelSpec:
         notop=WeightsFile(f"{name}_notop.h5", f"{base}{name}_notop.h5", notop_md5),
         top=WeightsFile(f"{name}.h5", f"{base}{name}.h5", top_md5),
         top_layers=("predictions",), keras_class=f"EfficientNet{variant.upper()}",
-        drops_paths=True)
+        drops_paths=True, std_rescaling=True)
 
 
 def _published(folder: str, stem: str, top_md5: str, notop_md5: str):

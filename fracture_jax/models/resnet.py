@@ -21,32 +21,29 @@ def caffe_preprocess(x):
 class ResNet50(nn.Module):
     """ResNet50 v1 feature extractor: RGB 0-255 in, last feature map (N, h, w, 2048) out.
 
-    ``frozen`` is the number of leading layers (with weights, in Keras order) that are frozen.
+    ``frozen`` names the frozen layers.
     """
 
-    frozen: int = 0
+    frozen: frozenset = frozenset()
     axis_name: str | None = None
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        count = iter(range(10**6))
-
         def conv(name, features, k, stride=1, padding="VALID"):
-            return L.Conv2D(features, k, stride, padding, frozen=next(count) < self.frozen,
+            return L.Conv2D(features, k, stride, padding, frozen=name in self.frozen,
                             dtype=self.dtype, name=name)
 
         def bn(name):
             return L.BatchNormalization(epsilon=1.001e-5, axis_name=self.axis_name,
-                                        frozen=next(count) < self.frozen, dtype=self.dtype,
-                                        name=name)
+                                        frozen=name in self.frozen, dtype=self.dtype, name=name)
 
         def conv_bn(name, x, features, k, stride=1, padding="VALID", **tail):
             return L.conv_bn(conv(name + "_conv", features, k, stride, padding), bn(name + "_bn"),
                              x, train, **tail)
 
         x = caffe_preprocess(x)
-        if self.frozen > 0:
+        if self.frozen:
             x = lax.stop_gradient(x)
         # Keras' ZeroPadding2D(3) before the stem, as the convolution's own padding.
         x = conv_bn("conv1", x.astype(self.dtype), 64, 7, 2, ((3, 3), (3, 3)), activation="relu")

@@ -16,22 +16,22 @@ class SmallCNN(nn.Module):
     """RGB 0-255 in (scaled to 0-1 inside), feature map (N, H/16, W/16, ``8 * width``) out."""
 
     width: int = 16
-    frozen: int = 0
+    frozen: frozenset = frozenset()  # the frozen layers' names
     axis_name: str | None = None
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = (x.astype(jnp.float32) / 255.0).astype(self.dtype)
-        n = 0
         for block in range(1, 5):
             for conv, stride in ((1, 1), (2, 2)):
                 features = self.width * 2 ** (block - 1)
-                x = L.Conv2D(features, 3, stride, "SAME", use_bias=False, frozen=n < self.frozen,
-                             dtype=self.dtype, name=f"block{block}_conv{conv}")(x)
+                name = f"block{block}_conv{conv}"
+                x = L.Conv2D(features, 3, stride, "SAME", use_bias=False,
+                             frozen=name in self.frozen, dtype=self.dtype, name=name)(x)
+                bn = f"block{block}_bn{conv}"
                 x = L.BatchNormalization(momentum=BN_MOMENTUM, axis_name=self.axis_name,
-                                         frozen=n + 1 < self.frozen,
-                                         dtype=self.dtype, name=f"block{block}_bn{conv}")(x, train)
+                                         frozen=bn in self.frozen, dtype=self.dtype,
+                                         name=bn)(x, train)
                 x = L.relu(x)
-                n += 2
         return x

@@ -1,21 +1,21 @@
-"""oneDNN's convolutions inside XLA's CPU programs, run by ``cpu_ffi``'s custom call.
+"""oneDNN's convolutions inside XLA's CPU programs, run by ``ffi``'s custom call.
 
 On a 2-core AVX-512 CPU, XLA's convolution ran VGG16's 3x3 layers at 130-176 GFLOP/s, oneDNN's
 direct convolution (``brgconv``, the kernel TensorFlow runs) at 221-226. This module loads
 ``libdnnl`` (the ``onednn-cpu-gomp`` wheel) and builds the oneDNN primitives of each convolution
-shape when a program is traced, as ``cpu_ffi`` plans that run them on XLA's own buffers.
+shape when a program is traced, as ``ffi`` plans that run them on XLA's own buffers.
 Convolutions are dense or depthwise (oneDNN's grouped convolution with one channel per group).
 A forward convolution can end in an epilogue of per-channel or elementwise additions and
 products and a ReLU or swish (oneDNN's post-ops), so that a bias, an inference BatchNorm, a
 residual and the activation cost no extra pass over memory. Without the
-library ``available()`` is False and callers keep XLA's convolution. Layouts: NHWC
+library (or the compiled FFI handler) ``available()`` is False and callers keep XLA's
+convolution; a library found but failing to load gets a warning that names the fix. Layouts: NHWC
 activations, HWIO kernels (depthwise: (kh, kw, C, 1)), float32.
 """
 
 import ctypes
 import functools
 import logging
-import os
 import site
 import sys
 import threading
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fracture_jax.models import cpu_ffi
+from fracture_jax.kernels import ffi, policy
 
 _F32, _FORMAT_ANY, _CPU, _IN_ORDER, _DIRECT = 3, 1, 1, 1, 1
 _FORWARD, _FORWARD_TRAINING = 96, 64
@@ -41,8 +41,8 @@ class _Arg(ctypes.Structure):
 
 
 def _library_paths():
-    if os.environ.get("FRACTURE_JAX_ONEDNN_LIB"):
-        yield os.environ["FRACTURE_JAX_ONEDNN_LIB"]
+    if policy.switches().onednn_lib:
+        yield policy.switches().onednn_lib
     for prefix in dict.fromkeys((sys.prefix, site.getuserbase(), sys.base_prefix, "/usr")):
         yield str(Path(prefix) / "lib" / "libdnnl.so.3")
     yield "libdnnl.so.3"
@@ -101,14 +101,24 @@ class _Dnnl:
 
 
 @functools.cache
-def _dnnl():
-    if os.environ.get("FRACTURE_JAX_ONEDNN", "1") == "0":
+def _dnnl() -> "_Dnnl | None":
+    s = policy.switches()
+    if not s.onednn or not ffi.available():
         return None
     for path in _library_paths():
         try:
-            dnnl = _Dnnl(ctypes.CDLL(path))
-        except (OSError, AttributeError, RuntimeError):  # absent, or not oneDNN 3
+            lib = ctypes.CDLL(path)
+        except OSError:  # absent here
             continue
+        try:
+            dnnl = _Dnnl(lib)
+        except (AttributeError, RuntimeError) as error:  # not oneDNN 3, or its CPU engine failed
+            logging.warning("%s loaded but is not a working oneDNN 3 (%s): XLA's convolutions "
+                            "run instead; pip install -r requirements.txt installs the "
+                            "onednn-cpu-gomp wheel, or point FRACTURE_JAX_ONEDNN_LIB at a "
+                            "libdnnl.so.3", path, error)
+            continue
+        dnnl.path = path
         logging.info("oneDNN convolutions from %s", path)
         return dnnl
     return None
@@ -117,6 +127,10 @@ def _dnnl():
 def available() -> bool:
     """Whether oneDNN's library loaded (set FRACTURE_JAX_ONEDNN=0 to keep XLA's convolution)."""
     return _dnnl() is not None
+
+
+def library_path() -> str | None:
+    return _dnnl().path if available() else None
 
 
 def _nhwc(dnnl, shape):
@@ -195,7 +209,7 @@ def _plan(build):
     builder's further options)."""
     @functools.cache
     def index(x_shape, kernel_shape, strides, padding, depthwise, *options) -> int:
-        return cpu_ffi.register(build(_Convolution(x_shape, kernel_shape, strides, padding,
+        return ffi.register(build(_Convolution(x_shape, kernel_shape, strides, padding,
                                                    depthwise), *options))
     return index
 
@@ -264,14 +278,14 @@ def forward(x, kernel, strides: int, padding: tuple, epilogue=(), depthwise: boo
     shape = (x.shape, kernel.shape, strides, padding, depthwise)
     plan = _forward_plan(*shape, tuple((op, v if v is None else v.shape) for op, v in epilogue))
     operands = [v for _, v in epilogue if v is not None]
-    return cpu_ffi.call(plan, _out_shape(*shape), x, kernel, *operands)
+    return ffi.call(plan, _out_shape(*shape), x, kernel, *operands)
 
 
 def input_gradient(dy, kernel, x_shape, strides: int, padding: tuple, depthwise: bool = False):
-    return cpu_ffi.call(_input_gradient_plan(x_shape, kernel.shape, strides, padding, depthwise),
+    return ffi.call(_input_gradient_plan(x_shape, kernel.shape, strides, padding, depthwise),
                  x_shape, dy, kernel)
 
 
 def kernel_gradient(x, dy, kernel_shape, strides: int, padding: tuple, depthwise: bool = False):
-    return cpu_ffi.call(_kernel_gradient_plan(x.shape, kernel_shape, strides, padding, depthwise),
+    return ffi.call(_kernel_gradient_plan(x.shape, kernel_shape, strides, padding, depthwise),
                  kernel_shape, x, dy)

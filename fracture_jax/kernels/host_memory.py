@@ -9,21 +9,28 @@ the step itself: an EfficientNetB2 train step at 260 px, batch 32, spent 10 s in
 (``arena_max=1``), no ``mmap`` per block (``mmap_max=0``) and no trimming, a ResNet50 train
 step faulted 86 times instead of 1,970 and spent 0.03 s in the kernel instead of 1.9-2.5 s.
 The cost is memory: the process keeps its peak heap until it exits, and one heap holds up to two
-steps' temporaries (an EfficientNetB2 train step at batch 32: 12.6 GiB resident from the second
-step on, steady over 24 steps, against a 7.3 GiB peak). ``FRACTURE_JAX_KEEP_MAPPED=0`` keeps only
-the huge pages. glibc reads tunables only when a process starts, so the entry points restart
-themselves once with them set.
+steps' temporaries (measured in ``benchmarks/README.md``). ``FRACTURE_JAX_KEEP_MAPPED=0``
+keeps only the huge pages. glibc reads tunables only when a process starts, so the entry points
+restart themselves once with them set.
+
+All of it is for XLA's CPU programs: on a host with a GPU or TPU plugin for JAX (unless
+``JAX_PLATFORMS`` picks the CPU) the process is neither restarted nor its allocator changed.
 """
 
+import importlib.util
 import os
 import platform
 import sys
+
+from fracture_jax.kernels import policy
 
 HUGE_PAGES = "glibc.malloc.hugetlb=1"
 KEEP_MAPPED = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0",
                "glibc.malloc.trim_threshold=1099511627776")
 OPT_OUT = "FRACTURE_JAX_HUGE_PAGES"  # set to 0 to keep the process as it was started
 KEEP_MAPPED_OPT_OUT = "FRACTURE_JAX_KEEP_MAPPED"  # set to 0 for the huge pages only
+ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
+                       "jax_rocm7_plugin", "libtpu")
 _THP = "/sys/kernel/mm/transparent_hugepage/enabled"
 _RESTARTED = "FRACTURE_JAX_RESTARTED"  # never restart twice, whatever the loader did
 
@@ -40,9 +47,18 @@ def _huge_pages_possible() -> bool:
         return False
 
 
+def accelerator_host() -> bool:
+    """Whether JAX will run on a GPU or TPU here, judged without importing JAX: the first of
+    ``JAX_PLATFORMS`` if set, else whether an accelerator plugin is installed."""
+    chosen = os.environ.get("JAX_PLATFORMS", "").strip().lower()
+    if chosen:
+        return chosen.split(",")[0] != "cpu"
+    return any(importlib.util.find_spec(name) for name in ACCELERATOR_PLUGINS)
+
+
 def ours() -> tuple:
     """The tunables this process should run with."""
-    keep = os.environ.get(KEEP_MAPPED_OPT_OUT) != "0"
+    keep = policy.switches().keep_mapped
     return (HUGE_PAGES,) * _huge_pages_possible() + KEEP_MAPPED * keep
 
 
@@ -64,13 +80,19 @@ def without_tunables(tunables: str | None, remove: tuple) -> str:
 
 def restart_with_tunables():
     """Re-execute this Python program with :func:`ours` set, unless each is set already
-    (ours or the user's own value), the C library is not glibc on Linux, or
-    ``FRACTURE_JAX_HUGE_PAGES=0``. Call before anything heavy."""
+    (ours or the user's own value), the C library is not glibc on Linux, JAX runs on an
+    accelerator here, or ``FRACTURE_JAX_HUGE_PAGES=0``. Call before anything heavy."""
     tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if os.environ.get(OPT_OUT) == "0" or os.environ.get(_RESTARTED) or not _glibc_linux():
+    if (not policy.switches().host_memory or os.environ.get(_RESTARTED) or not _glibc_linux()
+            or accelerator_host()):
         return
     wanted = with_tunables(tunables, ours())
     if wanted == with_tunables(tunables, ()):
         return
     env = dict(os.environ, GLIBC_TUNABLES=wanted, **{_RESTARTED: "1"})
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def active() -> str:
+    """The malloc tunables this process runs with ("" if none)."""
+    return os.environ.get("GLIBC_TUNABLES", "") if _glibc_linux() else ""

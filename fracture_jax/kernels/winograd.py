@@ -5,10 +5,8 @@ Each 2x2 output tile comes from a 4x4 input tile: the tiles are transformed by a
 (``_BT``), multiplied with the transformed kernel (``_G``) as 16 matmuls over the channels, and
 transformed back (``_AT``): 2.25x fewer multiply-adds than the direct convolution. oneDNN 3.2
 offers no float32 Winograd on this CPU class. The input transform is C (``winograd.c``, built by
-``native``; XLA's fusion of the same sums took 3-6x longer), the rest XLA's operations. On a
-2-core AVX-512 CPU the layers ``pays`` takes ran 1.2-1.7x faster than oneDNN's direct
-convolution in CPU time, with a smaller error against XLA's convolution (3-6e-7 relative,
-oneDNN's 4e-7 to 1.1e-6 on the same layers).
+``native``), the rest XLA's operations. What it gains over oneDNN's direct convolution per
+layer, and its error against XLA's convolution: ``benchmarks/README.md``.
 """
 
 import ctypes
@@ -17,7 +15,7 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
-from fracture_jax.models import cpu_ffi, native
+from fracture_jax.kernels import ffi, native
 
 _BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
 _G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
@@ -67,18 +65,27 @@ def _xla_input_transform(x):
 
 
 @functools.cache
-def _native_transform_plan(x_shape) -> int | None:
-    """The ``cpu_ffi`` plan of ``winograd.c``'s input transform for ``x_shape``, or None."""
+def native_transform():
+    """``winograd.c``'s input transform function, or None where it cannot run."""
     library = native.library("winograd")
-    if library is None:
+    if library is None or not ffi.available():
         return None
     transform = library.winograd_input_transform
     transform.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 4
+    return transform
+
+
+@functools.cache
+def _native_transform_plan(x_shape) -> int | None:
+    """The ``ffi`` plan of ``winograd.c``'s input transform for ``x_shape``, or None."""
+    transform = native_transform()
+    if transform is None:
+        return None
 
     def run(args, rets):
         if transform(args[0], rets[0], *x_shape):
             raise MemoryError("winograd_input_transform could not allocate its zero row")
-    return cpu_ffi.register(run)
+    return ffi.register(run)
 
 
 def input_transform(x):
@@ -86,7 +93,7 @@ def input_transform(x):
     plan = _native_transform_plan(x.shape)
     if plan is None:
         return _xla_input_transform(x)
-    return cpu_ffi.call(plan, (16, _tiles(x.shape), x.shape[3]), x)
+    return ffi.call(plan, (16, _tiles(x.shape), x.shape[3]), x)
 
 
 def conv3x3(x, kernel):
