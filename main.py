@@ -20,13 +20,26 @@ flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export", "inspe
 flags.DEFINE_string("images", None, "predict: an image file, a folder or a glob.")
 
 
+def _inside_get_config(error: BaseException) -> bool:
+    """Whether ``error`` was raised while a config file's ``get_config`` ran."""
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "get_config":
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def parse_flags(argv):
-    """absl's parsing, with a bad config override (unknown key, wrong type) as one line."""
+    """absl's parsing, with a bad flag or config override (unknown key, wrong type) or a config
+    file that cannot be read as one line. A bug inside a config file keeps its traceback."""
     try:
         rest = FLAGS(argv)
         FLAGS.config.to_dict()  # a config file loads lazily: load it here, inside the try
         return rest
     except (flags.Error, OSError, AttributeError, KeyError, TypeError, ValueError) as e:
+        if _inside_get_config(e):
+            raise  # a bug in the config file: its traceback says where
         message = " ".join(str(e).replace("\\n", " ").replace("\\'", "'").split()).strip("'")
         print(f"error: bad command line: {message}", file=sys.stderr)
         sys.exit(2)

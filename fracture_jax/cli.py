@@ -3,6 +3,7 @@
 import jax
 from absl import logging
 
+from fracture_jax import kernels
 from fracture_jax.errors import UserError
 from fracture_jax.models import get_spec
 
@@ -12,6 +13,7 @@ def log_devices():
                  jax.__version__, jax.default_backend(), jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count(),
                  ", ".join(sorted({d.device_kind for d in jax.devices()})))
+    logging.info("kernels: %s", ", ".join(f"{k} {v}" for k, v in kernels.describe().items()))
 
 
 def run(config, workdir: str, mode: str, images: str | None = None):

@@ -43,6 +43,18 @@ def test_bad_settings_give_one_line(args, expected, tmp_path):
     assert expected in line
 
 
+def test_a_bug_inside_a_config_file_keeps_its_traceback(tmp_path):
+    """Only the command line's own mistakes become one line; a config file's bug is the
+    user's code failing, and its traceback points into it."""
+    config = tmp_path / "mine.py"
+    config.write_text("from configs import default\n\n\ndef get_config():\n"
+                      "    c = default.get_config()\n    c.optimizer.lrr = c.optimizer.nope\n"
+                      "    return c\n")
+    result = _main(f"--config={config}", f"--workdir={tmp_path / 'w'}")
+    assert result.returncode == 1 and "bad command line" not in result.stderr
+    assert "Traceback" in result.stderr and f'{config}", line 6' in result.stderr
+
+
 def test_inspect_prints_counts_and_writes_a_grid(phantom_root, tmp_path):
     result = _main("--config=configs/default.py", "--mode=inspect", f"--workdir={tmp_path}",
                    f"--config.data.root={phantom_root}")

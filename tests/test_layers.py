@@ -108,9 +108,10 @@ def test_native_kernel_failure_reaches_the_caller():
         raise ValueError("plan says no")
 
     plan = ffi.register(failing)
-    with pytest.raises(Exception, match="native kernel: ValueError.*plan says no"):
+    with pytest.raises(jax.errors.JaxRuntimeError,
+                       match="native kernel: ValueError.*plan says no"):
         jax.block_until_ready(jax.jit(lambda x: ffi.call(plan, (2,), x))(jnp.ones(2)))
-    with pytest.raises(Exception, match="native kernel: IndexError"):
+    with pytest.raises(jax.errors.JaxRuntimeError, match="native kernel: IndexError"):
         jax.block_until_ready(jax.jit(lambda x: ffi.call(10**9, (2,), x))(jnp.ones(2)))
 
 

@@ -139,7 +139,7 @@ def test_download_with_wrong_hash_leaves_nothing(server, tmp_path):
 
 
 def test_interrupted_download_leaves_nothing(server, tmp_path):
-    with pytest.raises(Exception):
+    with pytest.raises(WeightsError, match="nothing was kept"):
         download(server.url + "/cut.h5", tmp_path / "w.h5", server.md5)
     assert list(tmp_path.iterdir()) == []
 

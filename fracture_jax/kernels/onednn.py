@@ -25,13 +25,22 @@ import numpy as np
 
 from fracture_jax.kernels import ffi, policy
 
-_F32, _FORMAT_ANY, _CPU, _IN_ORDER, _DIRECT = 3, 1, 1, 1, 1
-_FORWARD, _FORWARD_TRAINING = 96, 64
-_SRC, _DST, _WEIGHTS, _DIFF_SRC, _DIFF_DST, _DIFF_WEIGHTS = 1, 17, 33, 129, 145, 161
-_QUERY_WEIGHTS_MD, _QUERY_DIFF_WEIGHTS_MD = 131, 132
-_ELTWISE = {"relu": (0x20, 0.0), "swish": (0x2C, 1.0)}  # algorithm, alpha
-_BINARY = {"add": 0x1FFF0, "mul": 0x1FFF1}
-_POST_OP_SRC_1 = 32768  # DNNL_ARG_ATTR_MULTIPLE_POST_OP(i) | DNNL_ARG_SRC_1 = 32768 * (i + 1) | 2
+# oneDNN 3's C API constants, under their names in oneapi/dnnl/dnnl_types.h.
+dnnl_f32, dnnl_format_tag_any, dnnl_cpu, dnnl_stream_in_order = 3, 1, 1, 0x1
+dnnl_convolution_direct, dnnl_forward_inference, dnnl_forward_training = 0x1, 0x60, 0x40
+DNNL_ARG_SRC, DNNL_ARG_SRC_1, DNNL_ARG_DST, DNNL_ARG_WEIGHTS = 1, 2, 17, 33
+DNNL_ARG_DIFF_SRC, DNNL_ARG_DIFF_DST, DNNL_ARG_DIFF_WEIGHTS = 129, 145, 161
+DNNL_ARG_ATTR_MULTIPLE_POST_OP_BASE = 32768
+dnnl_query_weights_md, dnnl_query_diff_weights_md = 131, 132
+dnnl_eltwise_relu, dnnl_eltwise_swish = 0x20, 0x2C
+dnnl_binary_add, dnnl_binary_mul = 0x1FFF0, 0x1FFF1
+_ELTWISE = {"relu": (dnnl_eltwise_relu, 0.0), "swish": (dnnl_eltwise_swish, 1.0)}  # alpha
+_BINARY = {"add": dnnl_binary_add, "mul": dnnl_binary_mul}
+
+
+def _post_op_operand(i: int) -> int:
+    """``DNNL_ARG_ATTR_MULTIPLE_POST_OP(i) | DNNL_ARG_SRC_1``: post-op ``i``'s operand."""
+    return DNNL_ARG_ATTR_MULTIPLE_POST_OP_BASE * (i + 1) | DNNL_ARG_SRC_1
 _P = ctypes.c_void_p
 _Dims = ctypes.c_int64 * 12
 
@@ -55,8 +64,8 @@ class _Dnnl:
         self.lib = lib
         lib.dnnl_primitive_desc_query_md.restype = _P
         lib.dnnl_memory_desc_get_size.restype = ctypes.c_size_t
-        self.engine = self.create(lib.dnnl_engine_create, _CPU, 0)
-        self.stream = self.create(lib.dnnl_stream_create, self.engine, _IN_ORDER)
+        self.engine = self.create(lib.dnnl_engine_create, dnnl_cpu, 0)
+        self.stream = self.create(lib.dnnl_stream_create, self.engine, dnnl_stream_in_order)
         # One execution at a time: each spans every core already, and this build of oneDNN
         # shares one scratchpad between primitives (several faked CPU devices call at once).
         self._lock = threading.Lock()
@@ -74,9 +83,9 @@ class _Dnnl:
         """A float32 memory descriptor with explicit strides, or oneDNN's choice of layout."""
         if strides is None:
             return self.create(self.lib.dnnl_memory_desc_create_with_tag, len(dims),
-                               _Dims(*dims), _F32, _FORMAT_ANY)
+                               _Dims(*dims), dnnl_f32, dnnl_format_tag_any)
         return self.create(self.lib.dnnl_memory_desc_create_with_strides, len(dims),
-                           _Dims(*dims), _F32, _Dims(*strides))
+                           _Dims(*dims), dnnl_f32, _Dims(*strides))
 
     def primitive(self, pd):
         return self.create(self.lib.dnnl_primitive_create, pd)
@@ -176,7 +185,8 @@ class _Convolution:
 
     def forward_pd(self, prop, attr=None):
         return self.dnnl.create(self.dnnl.lib.dnnl_convolution_forward_primitive_desc_create,
-                                self.dnnl.engine, prop, _DIRECT, self.src, self.any_kernel, None,
+                                self.dnnl.engine, prop, dnnl_convolution_direct, self.src,
+                                self.any_kernel, None,
                                 self.dst, *self.geometry, attr)
 
     def post_ops(self, epilogue: tuple):
@@ -192,7 +202,7 @@ class _Convolution:
             else:  # a (C,) operand broadcasts over the pixels
                 desc = _nhwc(dnnl, shape if len(shape) == 4 else (1, 1, 1, *shape))
                 status = lib.dnnl_post_ops_append_binary(post_ops, _BINARY[op], desc)
-                operands.append((_POST_OP_SRC_1 * (i + 1) | 2, desc))
+                operands.append((_post_op_operand(i), desc))
             dnnl.check(status, f"post-op {op}")
         attr = dnnl.create(lib.dnnl_primitive_attr_create)
         dnnl.check(lib.dnnl_primitive_attr_set_post_ops(attr, post_ops), "post-ops")
@@ -218,14 +228,15 @@ def _with_kernel(c: _Convolution, pd, source: tuple, result: tuple, operands: li
     """A plan for primitive ``pd`` that reads an activation and the HWIO kernel (copied into
     the primitive's layout), then ``operands``, and writes an activation: ``source``,
     ``result`` and each operand are (argument, descriptor) pairs."""
-    conv, (desc, size) = c.dnnl.primitive(pd), c.kernel_layout(pd, _QUERY_WEIGHTS_MD)
+    conv, (desc, size) = c.dnnl.primitive(pd), c.kernel_layout(pd, dnnl_query_weights_md)
     into = c.dnnl.reorder(c.kernel, desc)
 
     def run(args, rets):  # activation, kernel, *operands -> activation
         kernel = np.empty(size, np.float32)
-        c.dnnl.execute(into, {_SRC: (c.kernel, args[1]), _DST: (desc, kernel.ctypes.data)})
+        c.dnnl.execute(into, {DNNL_ARG_SRC: (c.kernel, args[1]),
+                              DNNL_ARG_DST: (desc, kernel.ctypes.data)})
         c.dnnl.execute(conv, {source[0]: (source[1], args[0]),
-                              _WEIGHTS: (desc, kernel.ctypes.data),
+                              DNNL_ARG_WEIGHTS: (desc, kernel.ctypes.data),
                               result[0]: (result[1], rets[0]),
                               **{arg: (d, address)
                                  for (arg, d), address in zip(operands, args[2:])}})
@@ -235,30 +246,34 @@ def _with_kernel(c: _Convolution, pd, source: tuple, result: tuple, operands: li
 @_plan
 def _forward_plan(c: _Convolution, epilogue: tuple):
     attr, operands = c.post_ops(epilogue) if epilogue else (None, [])
-    return _with_kernel(c, c.forward_pd(_FORWARD, attr), (_SRC, c.src), (_DST, c.dst), operands)
+    return _with_kernel(c, c.forward_pd(dnnl_forward_inference, attr), (DNNL_ARG_SRC, c.src),
+                        (DNNL_ARG_DST, c.dst), operands)
 
 
 @_plan
 def _input_gradient_plan(c: _Convolution):
     pd = c.dnnl.create(c.dnnl.lib.dnnl_convolution_backward_data_primitive_desc_create,
-                       c.dnnl.engine, _DIRECT, c.src, c.any_kernel, c.dst, *c.geometry,
-                       c.forward_pd(_FORWARD_TRAINING), None)
-    return _with_kernel(c, pd, (_DIFF_DST, c.dst), (_DIFF_SRC, c.src))
+                       c.dnnl.engine, dnnl_convolution_direct, c.src, c.any_kernel, c.dst,
+                       *c.geometry,
+                       c.forward_pd(dnnl_forward_training), None)
+    return _with_kernel(c, pd, (DNNL_ARG_DIFF_DST, c.dst), (DNNL_ARG_DIFF_SRC, c.src))
 
 
 @_plan
 def _kernel_gradient_plan(c: _Convolution):
     pd = c.dnnl.create(c.dnnl.lib.dnnl_convolution_backward_weights_primitive_desc_create,
-                       c.dnnl.engine, _DIRECT, c.src, c.any_kernel, None, c.dst, *c.geometry,
-                       c.forward_pd(_FORWARD_TRAINING), None)
-    conv, (desc, size) = c.dnnl.primitive(pd), c.kernel_layout(pd, _QUERY_DIFF_WEIGHTS_MD)
+                       c.dnnl.engine, dnnl_convolution_direct, c.src, c.any_kernel, None, c.dst,
+                       *c.geometry,
+                       c.forward_pd(dnnl_forward_training), None)
+    conv, (desc, size) = c.dnnl.primitive(pd), c.kernel_layout(pd, dnnl_query_diff_weights_md)
     to_hwio = c.dnnl.reorder(desc, c.kernel)
 
     def run(args, rets):  # x, dy -> dkernel
         blocked = np.empty(size, np.float32)
-        c.dnnl.execute(conv, {_SRC: (c.src, args[0]), _DIFF_DST: (c.dst, args[1]),
-                              _DIFF_WEIGHTS: (desc, blocked.ctypes.data)})
-        c.dnnl.execute(to_hwio, {_SRC: (desc, blocked.ctypes.data), _DST: (c.kernel, rets[0])})
+        c.dnnl.execute(conv, {DNNL_ARG_SRC: (c.src, args[0]), DNNL_ARG_DIFF_DST: (c.dst, args[1]),
+                              DNNL_ARG_DIFF_WEIGHTS: (desc, blocked.ctypes.data)})
+        c.dnnl.execute(to_hwio, {DNNL_ARG_SRC: (desc, blocked.ctypes.data),
+                                 DNNL_ARG_DST: (c.kernel, rets[0])})
     return run
 
 

@@ -1,6 +1,7 @@
 """Getting the published Keras weight files: cache, md5 check, atomic download, offline use."""
 
 import hashlib
+import http.client
 import logging
 import os
 import tempfile
@@ -44,6 +45,9 @@ def download(url: str, dest: str | os.PathLike, md5: str | None = None, timeout:
             raise WeightsError(f"{url}: md5 {h.hexdigest()} != expected {md5}; the download is "
                                "corrupt or not the published file (nothing was kept)")
         os.replace(tmp, dest)
+    except http.client.HTTPException as e:  # the connection closed before the announced end
+        Path(tmp).unlink(missing_ok=True)
+        raise WeightsError(f"{url}: the download was cut off ({e!r}); nothing was kept") from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
