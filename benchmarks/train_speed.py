@@ -88,9 +88,10 @@ def bench(name, mode, size, batch, steps, dtype):
     variables, _ = initial_variables(config, jax.random.key(0))
     phase = Phase(0, 0, frozen_layers(name, "all" if mode == "frozen" else "none"), 1.0)
     program = compile_phase(config, phase, False, 100, mesh)
-    state = parallel.replicate(TrainState(jnp.zeros((), jnp.int32), variables["params"],
-                                          variables.get("batch_stats", {}),
-                                          program.init_opt_state(variables["params"])), mesh)
+    state = parallel.replicate(TrainState.create(variables["params"],
+                                                 variables.get("batch_stats", {}),
+                                                 program.init_opt_state(variables["params"])),
+                               mesh)
     rng = np.random.default_rng(0)
     host = {"image": rng.uniform(0, 255, (batch, size, size, 3)).astype(np.float32),
             "label": rng.integers(0, 2, batch).astype(np.int32)}

@@ -15,7 +15,9 @@ def get_config() -> ml_collections.ConfigDict:
     d.synthetic_per_class = 120  # phantom images per class in the train split
     d.synthetic_size = 256  # phantom image side in pixels
     d.prepared_dir = ""  # where the TFDS ArrayRecord copy goes (default: <workdir>/tfds)
-    d.num_workers = 2  # grain worker processes for decoding (0: decode in the main process)
+    d.decoded_side = 0  # side of the images decoded once and stored as uint8 (0: the model's
+    # image_size; larger keeps detail for zoom crops, at side^2 * 3 bytes per image on disk)
+    d.num_workers = 2  # grain worker processes reading batches (0: in the main process)
     d.prefetch = 2  # batches each worker prepares ahead
     d.augment = a = ml_collections.ConfigDict()
     a.flip = True  # random horizontal flip

@@ -19,6 +19,7 @@ from absl import logging
 
 import fracture_jax
 from fracture_jax import parallel, plots
+from fracture_jax.augment import model_input
 from fracture_jax.checkpoint import load_best
 from fracture_jax.data import dataset
 from fracture_jax.data.pipeline import example_at, file_names
@@ -74,14 +75,14 @@ def sigmoid(logits) -> np.ndarray:
 
 def member_probabilities(member: Member, sources: dict, config, mesh) -> tuple[dict, dict]:
     """({split: (probs, labels)}, speed) for one member: a data-parallel pass per split."""
-    forward = make_forward(member.model, mesh, flip=config.eval.flip_tta)
+    forward = make_forward(member.model, mesh, member.config.model.image_size,
+                           flip=config.eval.flip_tta)
     variables = parallel.replicate(member.variables, mesh)
     out, speed = {}, {}
     for split, source in sources.items():
         start = time.perf_counter()
-        logits, labels = predict(forward, variables, source, member.config.model.image_size,
-                                 config.eval.batch_size, mesh, config.data.num_workers,
-                                 config.data.prefetch)
+        logits, labels = predict(forward, variables, source, config.eval.batch_size, mesh,
+                                 config.data.num_workers, config.data.prefetch)
         seconds = time.perf_counter() - start
         out[split] = (sigmoid(logits), labels)
         speed[split] = {"images": len(labels), "seconds": round(seconds, 3),
@@ -141,7 +142,7 @@ def figures(out_dir: str, member: Member, source, probs, labels, split: str, res
         labels, probs, op["metrics"]["ece"], os.path.join(out_dir, "reliability.png"), split)
 
     picks = sample_indices(labels, config.eval.samples, config.seed)
-    shown = [example_at(source, int(i), size) for i in picks]
+    shown = [example_at(source, int(i)) for i in picks]
     right = [(probs[i] >= threshold) == (labels[i] == 1) for i in picks]
     made[f"Sample predictions ({split})"] = plots.image_grid(
         [s[0] for s in shown],
@@ -151,7 +152,8 @@ def figures(out_dir: str, member: Member, source, probs, labels, split: str, res
 
     cases = gradcam_cases(labels, probs, threshold, config.eval.gradcam_per_group)
     if cases:
-        images = np.stack([example_at(source, i, size)[0] for _, i in cases])
+        images = np.asarray(model_input(np.stack([example_at(source, i)[0] for _, i in cases]),
+                                        size))
         heat, _ = grad_cam(member.model, member.variables, jnp.asarray(images))
         made[f"Grad-CAM ({split})"] = plots.image_grid(
             images, [f"{g}, p={probs[i]:.2f}" for g, i in cases],

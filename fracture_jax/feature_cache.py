@@ -13,7 +13,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from fracture_jax.data.pipeline import Augment, cached_eval_batches, cached_train_dataset
+from fracture_jax.augment import Augment
+from fracture_jax.data.pipeline import cached_eval_batches, cached_train_dataset
 from fracture_jax.errors import UserError
 from fracture_jax.inference import make_forward, mesh_multiple, predict, predict_batches
 from fracture_jax.models import get_spec
@@ -35,7 +36,7 @@ def applies(config, backbone_frozen: bool) -> bool:
     if mode not in MODES:
         raise UserError(f"train.cache_features={config.train.cache_features!r}: use one of "
                         f"{', '.join(MODES)}")
-    augmented = any(dataclasses.astuple(Augment.from_config(config.data.augment)))
+    augmented = Augment.from_config(config.data.augment).active
     if mode == "off" or not backbone_frozen or augmented or jax.process_count() > 1:
         return False
     if mode == "auto" and get_spec(config.model.name).drops_paths:
@@ -58,10 +59,10 @@ class FeatureCache:
     def compute(cls, model, variables, sources, config, mesh) -> "FeatureCache":
         """Run ``model``'s backbone (in inference mode) once over the train and val splits."""
         start = time.perf_counter()
-        forward = make_forward(model.clone(include_head=False), mesh)
-        splits = {split: predict(forward, variables, sources[split], config.model.image_size,
-                                 config.train.batch_size, mesh, config.data.num_workers,
-                                 config.data.prefetch) for split in ("train", "val")}
+        forward = make_forward(model.clone(include_head=False), mesh, config.model.image_size)
+        splits = {split: predict(forward, variables, sources[split], config.train.batch_size,
+                                 mesh, config.data.num_workers, config.data.prefetch)
+                  for split in ("train", "val")}
         logging.info("backbone features of %d train and %d val images cached in %.1f s",
                      len(splits["train"][1]), len(splits["val"][1]), time.perf_counter() - start)
         return cls(**splits)

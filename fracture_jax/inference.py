@@ -9,6 +9,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from fracture_jax import parallel
+from fracture_jax.augment import model_input
 from fracture_jax.data.pipeline import eval_dataset
 
 
@@ -19,11 +20,15 @@ def _mean_probability_logit(a, b):
     return log_p - log_q
 
 
-def make_forward(model, mesh, flip: bool = False):
-    """jit(shard_map): (variables, images) -> logits in inference mode. With ``flip``
-    (test-time augmentation) the logit of the mean probability of the image and its mirror."""
+def make_forward(model, mesh, image_size: int | None = None, flip: bool = False):
+    """jit(shard_map): (variables, images) -> logits in inference mode; uint8 or float images
+    are resized on the device to ``image_size`` where they differ (``augment.model_input``).
+    With ``flip`` (test-time augmentation) the logit of the mean probability of the image and
+    its mirror. Without ``image_size`` the inputs go to the model as they are (features)."""
 
     def forward(variables, images):
+        if image_size is not None:
+            images = model_input(images, image_size)
         logits = model.apply(variables, images, train=False)
         if flip:
             logits = _mean_probability_logit(logits, model.apply(variables, images[:, :, ::-1],
@@ -39,12 +44,12 @@ def mesh_multiple(batch_size: int, mesh) -> int:
     return math.ceil(batch_size / mesh.size) * mesh.size
 
 
-def predict(forward, variables, source, image_size: int, batch_size: int, mesh,
-            num_workers: int = 0, prefetch: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, labels) of every example of ``source`` once, in order. The batch is rounded up
-    to a multiple of the device count; padding is masked out."""
+def predict(forward, variables, source, batch_size: int, mesh, num_workers: int = 0,
+            prefetch: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, labels) of every example of the decoded ``source`` once, in order. The batch
+    is rounded up to a multiple of the device count; padding is masked out."""
     batch_size = mesh_multiple(batch_size, mesh)
-    batches = iter(eval_dataset(source, image_size, batch_size, num_workers, prefetch))
+    batches = iter(eval_dataset(source, batch_size, num_workers, prefetch))
     try:
         return predict_batches(forward, variables, batches, mesh)
     finally:

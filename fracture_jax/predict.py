@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fracture_jax import parallel, plots
-from fracture_jax.data.augment import resize
+from fracture_jax.data.decode import resize
 from fracture_jax.data.decode import DecodeError, decode
 from fracture_jax.data.scan import JUNK_FILES
 from fracture_jax.errors import UserError
@@ -60,7 +60,7 @@ def predict_files(config, workdir: str, images: str | None) -> str:
     size = member.config.model.image_size
     threshold = float(read_threshold(workdir)["value"])
     mesh = parallel.make_mesh()
-    forward = make_forward(member.model, mesh)
+    forward = make_forward(member.model, mesh, size)
     variables = parallel.replicate(member.variables, mesh)
     batch = mesh_multiple(config.eval.batch_size, mesh)
     output = config.predict.output or os.path.join(workdir, "predictions.csv")

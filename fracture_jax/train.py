@@ -7,7 +7,9 @@ Frozen backbone layers are outside the differentiated tree: no gradient is compu
 and their BatchNorm runs in inference mode (Keras' rule for ``trainable=False``).
 """
 
+import collections
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -23,9 +25,10 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from fracture_jax import feature_cache, kernels, parallel
+from fracture_jax.augment import Augment, augment_batch, model_input
 from fracture_jax.checkpoint import RunCheckpoints
 from fracture_jax.data import dataset
-from fracture_jax.data.pipeline import Augment, train_dataset
+from fracture_jax.data.pipeline import train_dataset
 from fracture_jax.errors import UserError
 from fracture_jax.files import write_json
 from fracture_jax.inference import make_forward, predict
@@ -40,6 +43,13 @@ class TrainState:
     params: Any  # every parameter, frozen ones included
     batch_stats: Any
     opt_state: Any  # over the trainable parameters only
+    bad_step: jax.Array  # the first step whose loss or update was not finite (0: none)
+    bad_loss: jax.Array  # that step's loss
+
+    @classmethod
+    def create(cls, params, batch_stats, opt_state) -> "TrainState":
+        return cls(jnp.zeros((), jnp.int32), params, batch_stats, opt_state,
+                   jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
 
     @property
     def variables(self) -> dict:
@@ -101,18 +111,41 @@ def bce_loss(logits, labels, pos_weight: float = 1.0, label_smoothing: float = 0
 
 # ---------------------------------------------------------------- steps
 
-def make_train_step(model, tx, mesh, frozen_names: frozenset, config):
-    """jit(shard_map(step)): (state, global batch, rng) -> (state, mean loss, logits)."""
+AUGMENT_STREAM = 0x61756720  # folded into the run's key: augmentation's own random stream
+
+
+def step_images(batch_images, state_step, rng, augment: Augment | None, image_size: int | None):
+    """The model's input from a batch on the device (inside shard_map): stored uint8 images
+    augmented (each example from its position in the global batch) or only resized; cached
+    features (``image_size`` None) as they are."""
+    if image_size is None:
+        return batch_images
+    if augment is None or not augment.active:
+        return model_input(batch_images, image_size)
+    n = batch_images.shape[0]
+    positions = lax.axis_index(parallel.AXIS) * n + jnp.arange(n)
+    key = jax.random.fold_in(jax.random.fold_in(rng, AUGMENT_STREAM), state_step)
+    return augment_batch(batch_images, key, positions, augment, image_size)
+
+
+def make_train_step(model, tx, mesh, frozen_names: frozenset, config,
+                    image_size: int | None = None):
+    """jit(shard_map(step)): (state, global batch, rng) -> (state, mean loss, logits).
+
+    A step whose loss or update is not finite changes nothing but the step count, and records
+    itself in ``state.bad_step``: the loop reads that when it next syncs with the device."""
     pos_weight, smoothing = config.train.pos_weight, config.train.label_smoothing
+    augment = Augment.from_config(config.data.augment)
 
     def step(state, batch, rng):
+        images = step_images(batch["image"], state.step, rng, augment, image_size)
         rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), lax.axis_index(parallel.AXIS))
         trainable, frozen = split_params(state.params, frozen_names)
 
         def loss_fn(trainable):
             variables = {"params": merge_params(trainable, frozen),
                          "batch_stats": state.batch_stats}
-            logits, updates = model.apply(variables, batch["image"], train=True,
+            logits, updates = model.apply(variables, images, train=True,
                                           mutable=["batch_stats"], rngs={"dropout": rng})
             loss = bce_loss(logits, batch["label"], pos_weight, smoothing).mean()
             return lax.pmean(loss, parallel.AXIS), (logits, updates.get("batch_stats", {}))
@@ -120,8 +153,17 @@ def make_train_step(model, tx, mesh, frozen_names: frozenset, config):
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         updates, opt_state = tx.update(grads, state.opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        new = state.replace(step=state.step + 1, params=merge_params(trainable, frozen),
-                            batch_stats=batch_stats or state.batch_stats, opt_state=opt_state)
+        finite = functools.reduce(jnp.logical_and, [jnp.isfinite(u).all()
+                                                    for u in jax.tree.leaves(updates)],
+                                  jnp.isfinite(loss))
+        kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                            (merge_params(trainable, frozen), batch_stats or state.batch_stats,
+                             opt_state), (state.params, state.batch_stats, state.opt_state))
+        first_bad = ~finite & (state.bad_step == 0)
+        new = state.replace(step=state.step + 1, params=kept[0], batch_stats=kept[1],
+                            opt_state=kept[2],
+                            bad_step=jnp.where(first_bad, state.step + 1, state.bad_step),
+                            bad_loss=jnp.where(first_bad, loss, state.bad_loss))
         return new, loss, logits
 
     sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(parallel.AXIS), P()),
@@ -182,9 +224,11 @@ def compile_phase(config, phase: Phase, rescaling: bool, steps_per_epoch: int,
     tx = make_optimizer(config, lr)
     whole = phase.frozen == frozen_layers(config.model.name, "all")
     head = model.clone(pooled_inputs=True) if feature_cache.applies(config, whole) else None
+    size = config.model.image_size
     return PhaseProgram(phase, model, tx, lr,
-                        make_train_step(head or model, tx, mesh, phase.frozen, config),
-                        make_forward(model, mesh), head and make_forward(head, mesh))
+                        make_train_step(head or model, tx, mesh, phase.frozen, config,
+                                        None if head else size),
+                        make_forward(model, mesh, size), head and make_forward(head, mesh))
 
 
 # ---------------------------------------------------------------- the loop's state
@@ -220,31 +264,59 @@ class LoopState:
 
 @dataclasses.dataclass
 class TrainOutputs:
-    """The epoch's train logits and labels so far, in buffers sized for the whole epoch."""
+    """The epoch's train logits and labels so far, in buffers sized for the whole epoch. A
+    step's logits stay on the device until the loop syncs (``fetch``)."""
 
     logits: np.ndarray
     labels: np.ndarray
+    pending: list = dataclasses.field(default_factory=list)  # (step in epoch, device logits)
 
     @classmethod
     def empty(cls, examples: int) -> "TrainOutputs":
         return cls(np.zeros(examples, np.float32), np.zeros(examples, np.int32))
 
     def put(self, step_in_epoch: int, logits, labels):
-        """Store step ``step_in_epoch``'s batch (every batch of the epoch has one size)."""
+        """Keep step ``step_in_epoch``'s batch (every batch of the epoch has one size)."""
         n = len(labels)
-        self.logits[step_in_epoch * n:(step_in_epoch + 1) * n] = np.asarray(logits)
         self.labels[step_in_epoch * n:(step_in_epoch + 1) * n] = np.asarray(labels)
+        self.pending.append((step_in_epoch, logits))
+
+    def fetch(self):
+        """Copy the pending logits into the buffer (waits for their steps)."""
+        for i, logits in self.pending:
+            n = logits.shape[0]
+            self.logits[i * n:(i + 1) * n] = np.asarray(logits)
+        self.pending.clear()
 
     def metrics(self) -> dict:
         """The train metrics of the whole epoch (every step stored)."""
+        self.fetch()
         return epoch_metrics(self.logits, self.labels, "train")
 
     def arrays(self) -> dict:
         """As a checkpoint stores them."""
-        return dataclasses.asdict(self)
+        self.fetch()
+        return {"logits": self.logits, "labels": self.labels}
 
 
 # ---------------------------------------------------------------- the loop
+
+class _Feed:
+    """Train batches put on the devices ahead of their steps (up to ``ahead``), never past the
+    step after which the iterator's position is next saved."""
+
+    def __init__(self, batches, mesh, first: int, ahead: int = 2):
+        self.batches, self.mesh, self.ahead = batches, mesh, ahead
+        self.queue, self.next_index = collections.deque(), first
+
+    def take(self, i: int, last: int):
+        """(host labels, device batch) of step ``i``; batches up to step ``last`` may load."""
+        while self.next_index <= min(i + self.ahead, last):
+            host = next(self.batches)
+            self.queue.append((host["label"], parallel.shard_batch(host, self.mesh)))
+            self.next_index += 1
+        return self.queue.popleft()
+
 
 class _Progress:
     """One log line every ``every`` steps: loss, learning rate, images/s and the epoch's ETA."""
@@ -298,7 +370,6 @@ class _Trainer:
         self.plan = phases(config)
         self.rng = jax.random.key(config.seed)
         self.variables, self.rescaling = builder.initial_variables(config, self.rng)
-        self.augment = Augment.from_config(config.data.augment)
         self.metric = config.train.early_stop_metric
         self.minimise = self.metric.endswith("loss")
         self.ckpt = RunCheckpoints(workdir, self.metric, "min" if self.minimise else "max")
@@ -310,9 +381,8 @@ class _Trainer:
         meta = self.ckpt.latest_meta()
         loop = LoopState() if meta is None else LoopState.from_meta(meta)
         program = self.compile(self.plan[loop.phase])
-        state = TrainState(step=jnp.zeros((), jnp.int32), params=self.variables["params"],
-                           batch_stats=self.variables.get("batch_stats", {}),
-                           opt_state=program.init_opt_state(self.variables["params"]))
+        state = TrainState.create(self.variables["params"], self.variables.get("batch_stats", {}),
+                                  program.init_opt_state(self.variables["params"]))
         outputs = TrainOutputs.empty(self.steps * self.batch)
         batches = self.stream(program, state.variables)  # a cached phase's backbone: initial
         if meta is not None:
@@ -329,9 +399,8 @@ class _Trainer:
         """The phase's train batches, continuing the stream where the phase before ended."""
         c, skip = self.config, program.phase.first_epoch * self.steps
         if not program.cached:
-            return iter(train_dataset(self.sources["train"], c.model.image_size, self.batch,
-                                      c.seed, self.augment, c.data.num_workers, c.data.prefetch,
-                                      skip))
+            return iter(train_dataset(self.sources["train"], self.batch, c.seed,
+                                      c.data.num_workers, c.data.prefetch, skip))
         logging.info("phase %d trains the head on cached backbone features (backbone frozen, "
                      "no augmentation)", program.phase.index)
         if self.cache is None:  # no phase before a cached one trains the backbone
@@ -344,38 +413,51 @@ class _Trainer:
                     imagenet_rescaling=self.rescaling, kernels=kernels.describe())
 
     def run_epoch(self, loop: LoopState, state, outputs: TrainOutputs, program, batches):
-        """The rest of the epoch's steps; the state after them. Each step's loss is read on the
-        host (the NaN check): a step's dispatch waits for the one before."""
+        """The rest of the epoch's steps; the state after them. The host reads from the devices
+        only at log steps, checkpoints and the epoch's end (``check``); meanwhile the next
+        batches go to the devices ahead of their steps, and at most two steps are in flight."""
         c = self.config
         progress = _Progress(loop.epoch, c.train.epochs, self.steps, self.batch,
                              c.train.log_every)
-        step = int(state.step)
+        every, step = c.train.checkpoint_every, int(state.step)
+        feed, in_flight = _Feed(batches, self.mesh, loop.step_in_epoch), collections.deque()
         for i in range(loop.step_in_epoch, self.steps):
-            host_batch = next(batches)
-            new, loss, logits = program.train_step(
-                state, parallel.shard_batch(host_batch, self.mesh), self.rng)
-            loss = float(loss)
-            if not math.isfinite(loss):
-                raise UserError(
-                    f"loss is {loss} at step {step + 1} (epoch {loop.epoch + 1}); training "
-                    f"stopped, the last good checkpoint is in {self.ckpt.latest.directory}. "
-                    "Lower optimizer.lr or set optimizer.grad_clip")
-            state, step = new, step + 1
-            outputs.put(i, logits, host_batch["label"])
+            saves_in = (-(step + 1)) % every if every > 0 else self.steps
+            labels, batch = feed.take(i, last=min(self.steps - 1, i + saves_in))
+            state, loss, logits = program.train_step(state, batch, self.rng)
+            step += 1
+            outputs.put(i, logits, labels)
             loop.step_in_epoch = i + 1
+            in_flight.append(loss)
+            if len(in_flight) > 2:
+                in_flight.popleft().block_until_ready()
             if progress.due(i):
+                self.check(state)
                 lr = float(program.lr(step - 1))  # the rate this step used
-                progress.log(i, loss, lr)
+                progress.log(i, float(loss), lr)
                 if self.writer:
-                    self.writer.add_scalar("train/loss_step", loss, step)
+                    self.writer.add_scalar("train/loss_step", float(loss), step)
                     self.writer.add_scalar("train/lr", lr, step)
-            every = c.train.checkpoint_every
-            if every > 0 and step % every == 0 and i + 1 < self.steps:
+            if saves_in == 0 and i + 1 < self.steps:
+                self.check(state)
                 self.ckpt.save_latest(step, state, outputs.arrays(), batches, self.meta(loop))
         return state
 
+    def check(self, state):
+        """Stop, with the last good checkpoint kept, if a step was not finite (a sync)."""
+        bad = int(state.bad_step)
+        if bad:
+            loss = float(state.bad_loss)
+            what = (f"loss is {loss}" if not math.isfinite(loss)
+                    else f"the update is not finite (loss {loss:.4g})")
+            raise UserError(
+                f"{what} at step {bad} (epoch {(bad - 1) // self.steps + 1}); training "
+                f"stopped, the last good checkpoint is in {self.ckpt.latest.directory}. "
+                "Lower optimizer.lr or set optimizer.grad_clip")
+
     def end_epoch(self, loop: LoopState, state, outputs: TrainOutputs, program, batches):
         """Val metrics, history, early stopping's count and the epoch's checkpoints."""
+        self.check(state)
         step = int(state.step)
         metrics = {"epoch": loop.epoch + 1, "lr": float(program.lr(step - 1))}
         metrics |= outputs.metrics()
@@ -400,8 +482,8 @@ class _Trainer:
 
     def predict(self, program, state, source):
         c = self.config
-        return predict(program.forward, state.variables, source, c.model.image_size,
-                       self.batch, self.mesh, c.data.num_workers, c.data.prefetch)
+        return predict(program.forward, state.variables, source, self.batch, self.mesh,
+                       c.data.num_workers, c.data.prefetch)
 
     def finish(self, loop: LoopState, state, program):
         """The best state restored, scored on val and test; everything closed."""

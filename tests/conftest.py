@@ -51,5 +51,5 @@ def xray_batch(xray_root):
 
 def images_at(pil_images, size: int) -> np.ndarray:
     """PIL images -> float32 (N, size, size, 3) RGB 0-255."""
-    from fracture_jax.data.augment import resize
+    from fracture_jax.data.decode import resize
     return np.stack([resize(img, size) for img in pil_images])

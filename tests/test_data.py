@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fracture_jax.data.builder import data_sources, prepare
-from fracture_jax.data.decode import DecodeError, decode, to_array
-from fracture_jax.data.pipeline import (Augment, cached_train_dataset, eval_dataset, example_at,
+from fracture_jax.data.builder import data_sources, dataset_dir, prepare
+from fracture_jax.data.decode import DecodeError, decode, resize, to_array
+from fracture_jax.data.decoded import prepare_decoded
+from fracture_jax.data.pipeline import (cached_train_dataset, eval_dataset, example_at,
                                         train_dataset)
 from fracture_jax.data.scan import find_layout, scan_folder
 from fracture_jax.data.synthetic import phantom, write_phantoms
@@ -189,9 +190,35 @@ def test_prepare_is_a_noop_when_unchanged_and_rebuilds_when_changed(phantom_root
 
 @pytest.fixture(scope="module")
 def sources(phantom_root, tmp_path_factory):
+    """The phantoms decoded once at 48 px."""
     out = tmp_path_factory.mktemp("tfds")
     prepare(str(phantom_root), str(out))
-    return data_sources(str(out))
+    return prepare_decoded(dataset_dir(out), data_sources(str(out)), 48)
+
+
+def test_decoded_once_as_the_original_bytes_path_resizes(phantom_root, tmp_path):
+    """The stored uint8 images are the decoded, resized originals (the phantoms are 8-bit:
+    exactly); kept while the folder is unchanged, one copy per side, rebuilt with the folder."""
+    prepare(str(phantom_root), str(tmp_path))
+    originals = data_sources(str(tmp_path))
+    decoded = prepare_decoded(dataset_dir(tmp_path), originals, 40)
+    for split in ("train", "val", "test"):
+        assert len(decoded[split]) == len(originals[split])
+        for i in (0, len(originals[split]) - 1):
+            ex, name = originals[split][i], decoded[split].filenames[i]
+            want = resize(decode(ex["image"], name, draft_size=80), 40)
+            assert decoded[split][i]["image"].dtype == np.uint8
+            np.testing.assert_array_equal(decoded[split][i]["image"], want)
+            assert int(decoded[split][i]["label"]) == int(ex["label"])
+            assert name == ex["filename"].decode()
+    stored = dataset_dir(tmp_path) / "decoded_40" / "train.array_record"
+    mtime = stored.stat().st_mtime_ns
+    prepare_decoded(dataset_dir(tmp_path), originals, 40)
+    assert stored.stat().st_mtime_ns == mtime  # decoded once
+    prepare_decoded(dataset_dir(tmp_path), originals, 56)
+    assert sorted(p.name for p in dataset_dir(tmp_path).glob("decoded_*")) == [
+        "decoded_40", "decoded_56"]
+    assert not list(dataset_dir(tmp_path).glob("*.partial"))
 
 
 def _take(it, n):
@@ -201,27 +228,26 @@ def _take(it, n):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_train_stream_is_deterministic_and_resumes_exactly(sources, workers):
     def stream():
-        return iter(train_dataset(sources["train"], 48, 8, seed=3, aug=Augment(),
-                                  num_workers=workers))
+        return iter(train_dataset(sources["train"], 8, seed=3, num_workers=workers))
     a, b = stream(), stream()
     first, second = _take(a, 4), _take(b, 4)
     for x, y in zip(first, second):
         assert np.array_equal(x["image"], y["image"]) and np.array_equal(x["label"], y["label"])
-    assert first[0]["image"].shape == (8, 48, 48, 3) and first[0]["image"].dtype == np.float32
+    assert first[0]["image"].shape == (8, 48, 48, 3) and first[0]["image"].dtype == np.uint8
     state = a.get_state()
     expected = _take(a, 3)
     c = stream()
     c.set_state(state)
     for x, y in zip(expected, _take(c, 3)):
         assert np.array_equal(x["image"], y["image"])
-    other = iter(train_dataset(sources["train"], 48, 8, seed=4, aug=Augment()))
+    other = iter(train_dataset(sources["train"], 8, seed=4))
     assert not np.array_equal(next(other)["image"], first[0]["image"])
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_epochs_cover_every_example_and_reshuffle(sources, workers):
     n = len(sources["train"])  # 24
-    it = iter(train_dataset(sources["train"], 32, 8, seed=0, aug=None, num_workers=workers))
+    it = iter(train_dataset(sources["train"], 8, seed=0, num_workers=workers))
     epochs = [np.concatenate([next(it)["label"] for _ in range(n // 8)]) for _ in range(2)]
     labels = np.array([int(sources["train"][i]["label"]) for i in range(n)])
     assert sorted(epochs[0]) == sorted(labels) == sorted(epochs[1])
@@ -231,21 +257,12 @@ def test_epochs_cover_every_example_and_reshuffle(sources, workers):
 @pytest.mark.parametrize("batch", [1, 5, 8, 16, 64])
 def test_eval_sees_each_example_exactly_once(sources, batch):
     src = sources["val"]
-    batches = list(eval_dataset(src, 32, batch))
+    batches = list(eval_dataset(src, batch))
     assert all(b["image"].shape[0] == batch for b in batches)
     mask = np.concatenate([b["mask"] for b in batches])
     assert mask.sum() == len(src) and mask[: len(src)].all()
     labels = np.concatenate([b["label"] for b in batches])[mask]
     assert labels.tolist() == [int(src[i]["label"]) for i in range(len(src))]
-
-
-def test_augmentation_changes_images_but_keeps_range(sources):
-    plain = next(iter(train_dataset(sources["train"], 48, 8, seed=0, aug=None)))
-    augmented = next(iter(train_dataset(sources["train"], 48, 8, seed=0,
-                                        aug=Augment(rotate_deg=15, zoom=0.2))))
-    assert np.array_equal(plain["label"], augmented["label"])
-    assert not np.allclose(plain["image"], augmented["image"])
-    assert augmented["image"].min() >= 0 and augmented["image"].max() <= 255
 
 
 def test_phantoms_are_deterministic(tmp_path):
@@ -261,18 +278,16 @@ def test_phantoms_are_deterministic(tmp_path):
 
 @pytest.mark.parametrize("skip", [0, 4])
 def test_skipped_batches_continue_the_same_stream(sources, skip):
-    """A later phase's stream (``skip_batches``) is the rest of the phase before's, augmentation
-    included, and the cached-feature stream follows it example for example."""
-    aug = Augment(rotate_deg=15, zoom=0.2)
-    whole = _take(iter(train_dataset(sources["train"], 32, 8, seed=2, aug=aug)), skip + 3)
-    later = _take(iter(train_dataset(sources["train"], 32, 8, seed=2, aug=aug,
-                                     skip_batches=skip)), 3)
+    """A later phase's stream (``skip_batches``) is the rest of the phase before's, and the
+    cached-feature stream follows it example for example."""
+    whole = _take(iter(train_dataset(sources["train"], 8, seed=2)), skip + 3)
+    later = _take(iter(train_dataset(sources["train"], 8, seed=2, skip_batches=skip)), 3)
     for x, y in zip(whole[skip:], later):
         assert np.array_equal(x["image"], y["image"]) and np.array_equal(x["label"], y["label"])
     src = sources["train"]
-    features = np.stack([example_at(src, i, 32)[0].ravel() for i in range(len(src))])
+    features = np.stack([example_at(src, i)[0].ravel() for i in range(len(src))])
     labels = np.array([int(src[i]["label"]) for i in range(len(src))], np.int32)
-    plain = _take(iter(train_dataset(src, 32, 8, seed=2, skip_batches=skip)), 5)
+    plain = _take(iter(train_dataset(src, 8, seed=2, skip_batches=skip)), 5)
     cached = _take(iter(cached_train_dataset(features, labels, 8, seed=2, skip_batches=skip)), 5)
     for x, y in zip(plain, cached):
         assert np.array_equal(x["image"].reshape(8, -1), y["image"])

@@ -16,14 +16,15 @@ from PIL import Image
 
 from configs import default
 from fracture_jax import cli, parallel
-from fracture_jax.data.builder import data_sources, prepare
+from fracture_jax.data.builder import data_sources, dataset_dir, prepare
+from fracture_jax.data.decoded import prepare_decoded
 from fracture_jax.data.pipeline import example_at
 from fracture_jax.gradcam import grad_cam
 from fracture_jax.inference import make_forward, predict
 from fracture_jax.models import FractureClassifier, backbone_layers
 from fracture_jax.models.builder import initial_variables
 from fracture_jax.train import Phase, TrainState, compile_phase
-from test_train import tiny_config
+from test_train import NO_AUGMENTATION, tiny_config
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",
@@ -34,7 +35,7 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 def sources(phantom_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared")
     prepare(str(phantom_root), str(out))
-    return data_sources(str(out))
+    return prepare_decoded(dataset_dir(out), data_sources(str(out)), 32)
 
 
 @pytest.mark.parametrize("devices,batch", [(1, 1), (3, 5), (8, 4), (8, 16)])
@@ -46,8 +47,8 @@ def test_eval_pass_sees_every_example_once_in_order(sources, devices, batch):
                                        in_specs=(P(), P(parallel.AXIS)),
                                        out_specs=P(parallel.AXIS)))
     source = sources["val"]
-    out, labels = predict(mean_pixel, {}, source, 32, batch, mesh)
-    expected = [example_at(source, i, 32) for i in range(len(source))]
+    out, labels = predict(mean_pixel, {}, source, batch, mesh)
+    expected = [example_at(source, i) for i in range(len(source))]
     np.testing.assert_allclose(out, [e[0].mean() for e in expected], rtol=1e-5)
     assert labels.tolist() == [e[1] for e in expected]
 
@@ -58,7 +59,7 @@ def test_flip_tta_is_the_mean_probability_of_image_and_mirror():
     variables = model.init(jax.random.key(0), x)
     variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
     mesh = parallel.make_mesh()
-    flipped = make_forward(model, mesh, flip=True)(variables, x)
+    flipped = make_forward(model, mesh, 32, flip=True)(variables, x)
     a, b = model.apply(variables, x), model.apply(variables, x[:, :, ::-1])
     expected = jax.scipy.special.logit((jax.nn.sigmoid(a) + jax.nn.sigmoid(b)) / 2)
     np.testing.assert_allclose(flipped, expected, rtol=1e-4, atol=1e-5)
@@ -76,14 +77,14 @@ def _blob_images(n, rng, size=64, side=12):
 
 
 def test_grad_cam_highlights_the_region_that_carries_the_signal():
-    config = tiny_config(**{"model.image_size": 64, "optimizer.name": "adam",
-                            "optimizer.lr": 3e-3, "train.batch_size": 32})
+    config = tiny_config(**NO_AUGMENTATION, **{"model.image_size": 64, "optimizer.name": "adam",
+                                               "optimizer.lr": 3e-3, "train.batch_size": 32})
     mesh = parallel.make_mesh(jax.devices()[:1])
     variables, _ = initial_variables(config, jax.random.key(0))
     program = compile_phase(config, Phase(0, 0, frozenset(), 1.0), False, 10, mesh)
-    state = parallel.replicate(TrainState(jnp.zeros((), jnp.int32), variables["params"],
-                                          variables["batch_stats"],
-                                          program.init_opt_state(variables["params"])), mesh)
+    state = parallel.replicate(TrainState.create(variables["params"], variables["batch_stats"],
+                                                 program.init_opt_state(variables["params"])),
+                               mesh)
     rng = np.random.default_rng(0)
     for _ in range(150):
         x, y = _blob_images(32, rng)

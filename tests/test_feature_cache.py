@@ -7,15 +7,12 @@ import logging
 import jax
 import numpy as np
 import pytest
-from test_train import tiny_config
+from test_train import NO_AUGMENTATION, tiny_config
 
 from fracture_jax.errors import UserError
 from fracture_jax.feature_cache import applies
 from fracture_jax.train import train_and_evaluate
 
-NO_AUGMENTATION = {"data.augment.flip": False, "data.augment.rotate_deg": 0.0,
-                   "data.augment.zoom": 0.0, "data.augment.brightness": 0.0,
-                   "data.augment.contrast": 0.0}
 
 
 def test_when_features_are_cached():

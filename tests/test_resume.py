@@ -9,12 +9,12 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO
-from test_feature_cache import NO_AUGMENTATION
-from test_train import tiny_config
+from test_train import NO_AUGMENTATION, tiny_config
 
 from fracture_jax.errors import UserError
 from fracture_jax.train import train_and_evaluate
@@ -109,7 +109,7 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(phantom_root, tmp_path)
     config = tiny_config(**{"data.root": str(phantom_root), "data.num_workers": 0,
                             "optimizer.lr": 1e30, "optimizer.momentum": 0.0,
                             "train.checkpoint_every": 1})
-    with pytest.raises(UserError, match=r"loss is (nan|inf)"):
+    with pytest.raises(UserError, match=r"(loss is (nan|inf)|the update is not finite)"):
         train_and_evaluate(config, str(tmp_path))
     latest = tmp_path / "checkpoints" / "latest"
     steps = list(latest.iterdir())
@@ -120,3 +120,32 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(phantom_root, tmp_path)
             state=ocp.args.StandardRestore())).state
         manager.close()
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+
+
+def test_a_non_finite_step_is_skipped_and_stops_the_run_at_the_next_read(phantom_root, tmp_path,
+                                                                       monkeypatch):
+    """Step 5's learning rate is NaN: its update is not applied, the loop finds out when it
+    next reads from the device (step 6, a log step) and stops with the step named; the last
+    checkpoint (epoch 1, step 3) is kept and holds no NaN."""
+    from fracture_jax import train
+    real = train.learning_rate_fn
+
+    def poisoned(config, steps_per_epoch, scale=1.0):
+        schedule = real(config, steps_per_epoch, scale)
+        return lambda count: jnp.where(count == 4, jnp.nan, schedule(count))  # the 5th update
+
+    monkeypatch.setattr(train, "learning_rate_fn", poisoned)
+    config = tiny_config(**{"data.root": str(phantom_root), "data.num_workers": 0,
+                            "train.epochs": 2, "train.log_every": 3,
+                            "train.checkpoint_every": 0})
+    with pytest.raises(UserError, match=r"the update is not finite .* at step 5 \(epoch 2\)"):
+        train_and_evaluate(config, str(tmp_path))
+    latest = tmp_path / "checkpoints" / "latest"
+    assert [p.name for p in latest.iterdir()] == ["3"]
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1]
+    manager = ocp.CheckpointManager(latest)
+    state = manager.restore(3, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    manager.close()
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+    assert int(state["bad_step"]) == 0

@@ -49,20 +49,20 @@ class BoneFractures(tfds.core.GeneratorBasedBuilder):
             yield rel, {"image": (root / rel).read_bytes(), "label": label, "filename": rel}
 
 
-def _dataset_dir(data_dir: Path) -> Path:
+def dataset_dir(data_dir: Path) -> Path:
     return data_dir / NAME / str(BoneFractures.VERSION)
 
 
 def report_path(data_dir: str) -> Path:
     """Where ``prepare`` keeps the scan report of the data it prepared into ``data_dir``."""
-    return _dataset_dir(Path(data_dir).expanduser()) / REPORT
+    return dataset_dir(Path(data_dir).expanduser()) / REPORT
 
 
 def prepare(root: str, data_dir: str) -> ScanReport:
     """Build (or reuse) the ArrayRecord copy of ``root`` under ``data_dir``; its scan report."""
     find_layout(root)  # layout errors, named, before any work
     data_dir = Path(data_dir).expanduser()
-    out = _dataset_dir(data_dir)
+    out = dataset_dir(data_dir)
     stamp = fingerprint(root)
     if (out / _FINGERPRINT).is_file() and (out / _FINGERPRINT).read_text() == stamp:
         logging.info("%s is unchanged since it was prepared into %s", root, out)

@@ -1,10 +1,13 @@
-"""From a config to ready data: phantoms if asked, the validated TFDS copy, its sources."""
+"""From a config to ready data: phantoms if asked, the validated TFDS copy of the original
+bytes, and the images decoded once (``decoded``), whose sources every pass reads."""
 
 import os
+from pathlib import Path
 
 from absl import logging
 
-from fracture_jax.data.builder import data_sources, prepare
+from fracture_jax.data.builder import data_sources, dataset_dir, prepare
+from fracture_jax.data.decoded import prepare_decoded
 from fracture_jax.data.scan import LAYOUT
 from fracture_jax.data.synthetic import write_phantoms
 from fracture_jax.errors import UserError
@@ -24,9 +27,15 @@ def data_root(config, workdir: str) -> str:
     return root
 
 
+def decoded_side(config) -> int:
+    return config.data.decoded_side or config.model.image_size
+
+
 def load(config, workdir: str):
-    """``(scan report, {split: source})`` for the config's data, preparing it if needed."""
+    """``(scan report, {split: decoded source})`` for the config's data, preparing the copy
+    of the original bytes and decoding it once if needed."""
     root = data_root(config, workdir)
-    prepared = config.data.prepared_dir or os.path.join(workdir, "tfds")
-    report = prepare(root, prepared)
-    return report, data_sources(prepared)
+    prepared = Path(config.data.prepared_dir or os.path.join(workdir, "tfds")).expanduser()
+    report = prepare(root, str(prepared))
+    return report, prepare_decoded(dataset_dir(prepared), data_sources(str(prepared)),
+                                   decoded_side(config))

@@ -87,3 +87,9 @@ def to_array(img: Image.Image) -> np.ndarray:
     if a.ndim == 2:
         a = np.repeat(a[..., None], 3, axis=-1)
     return a
+
+
+def resize(img: Image.Image, size: int) -> np.ndarray:
+    """Squash to ``size`` x ``size`` (the seed's ``image_size``), antialiased bilinear, as
+    float32 (size, size, 3) 0-255."""
+    return to_array(img.resize((size, size), Image.BILINEAR))

@@ -9,8 +9,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from fracture_jax.data import dataset  # noqa: E402
-from fracture_jax.data.augment import resize  # noqa: E402
-from fracture_jax.data.decode import decode  # noqa: E402
 from fracture_jax.data.scan import CLASS_NAMES  # noqa: E402
 from fracture_jax.files import atomic_path, write_json  # noqa: E402
 
@@ -30,17 +28,17 @@ def summary(report) -> str:
     return "\n".join(lines)
 
 
-def sample_grid(sources, path: str, per_class: int = 6, size: int = 160, seed: int = 0):
-    """A PNG with ``per_class`` train images of each class, one row per class."""
+def sample_grid(sources, path: str, per_class: int = 6, seed: int = 0):
+    """A PNG with ``per_class`` train images of each class (as stored for the model), one row
+    per class."""
     src = sources["train"]
-    labels = np.array([int(src[i]["label"]) for i in range(len(src))])
+    labels = src.labels
     rng = np.random.default_rng(seed)
     fig, axes = plt.subplots(2, per_class, figsize=(2 * per_class, 4.4), squeeze=False)
     for label, cls in enumerate(CLASS_NAMES):
         idx = np.flatnonzero(labels == label)
         for ax, i in zip(axes[label], rng.choice(idx, min(per_class, len(idx)), replace=False)):
-            ex = src[int(i)]
-            ax.imshow(resize(decode(ex["image"], draft_size=size), size) / 255.0)
+            ax.imshow(src[int(i)]["image"])
             ax.set_title(cls, fontsize=8)
         for ax in axes[label]:
             ax.axis("off")

@@ -1,5 +1,6 @@
-"""grain pipelines over the prepared dataset: a seeded, augmented, endless train stream and
-eval passes that see every example exactly once (the last batch padded, with a mask)."""
+"""grain pipelines over the decoded data set: a seeded, endless train stream and eval passes
+that see every example exactly once (the last batch padded, with a mask). Batches hold the
+stored uint8 images; the device augments and resizes them (``fracture_jax.augment``)."""
 
 import dataclasses
 import functools
@@ -9,57 +10,23 @@ import jax
 import numpy as np
 from absl import flags
 
-from fracture_jax.data.augment import augment, resize
-from fracture_jax.data.decode import decode
 
 
-@dataclasses.dataclass(frozen=True)
-class Augment:
-    """Augmentation switches and strengths (``config.data.augment`` as a hashable value)."""
-
-    flip: bool = True
-    rotate_deg: float = 10.0
-    zoom: float = 0.1
-    brightness: float = 0.1
-    contrast: float = 0.1
-
-    @classmethod
-    def from_config(cls, cfg) -> "Augment":
-        return cls(**{f.name: cfg[f.name] for f in dataclasses.fields(cls)})
-
-
-def _decoded(example, size: int):
-    return decode(example["image"], _name(example), draft_size=2 * size), int(example["label"])
-
-
-def _train_example(example, rng, size: int, aug: Augment):
-    img, label = _decoded(example, size)
-    return {"image": augment(img, size, rng, aug), "label": np.int32(label)}
-
-
-def _plain_example(example, size: int):
-    img, label = _decoded(example, size)
-    return {"image": resize(img, size), "label": np.int32(label)}
-
-
-def _name(example) -> str:
-    name = example["filename"]
-    return name.decode() if isinstance(name, bytes) else str(name)
-
-
-def example_at(source, index: int, size: int) -> tuple[np.ndarray, int, str]:
-    """(image (size, size, 3) as the model sees it in eval, label, file name) of one example."""
+def example_at(source, index: int) -> tuple[np.ndarray, int, str]:
+    """(image (S, S, 3) float as the model sees it in eval, label, file name) of one example of
+    a decoded source."""
     example = source[index]
-    return _plain_example(example, size)["image"], int(example["label"]), _name(example)
+    return example["image"].astype(np.float32), int(example["label"]), source.filenames[index]
 
 
 def file_names(source) -> list[str]:
     """The file name of every example, in the order eval passes see them."""
-    return [_name(source[i]) for i in range(len(source))]
+    return list(source.filenames)
 
 
-def _eval_example(example, size: int):
-    return _plain_example(example, size) | {"mask": np.bool_(True)}
+def _eval_example(example):
+    return {"image": example["image"], "label": np.int32(example["label"]),
+            "mask": np.bool_(True)}
 
 
 def _host_shard(ds: grain.MapDataset) -> grain.MapDataset:
@@ -78,30 +45,29 @@ def _iterate(ds: grain.MapDataset, num_workers: int, prefetch: int) -> grain.Ite
 
 
 def _train_stream(ds: grain.MapDataset, transform, seed: int, batch_size: int,
-                  skip_batches: int, random: bool = False) -> grain.MapDataset:
+                  skip_batches: int) -> grain.MapDataset:
     """This host's shard of ``ds``, shuffled anew each epoch, endless, ``transform``-ed and
     batched, from batch ``skip_batches`` on."""
     local = batch_size // jax.process_count()
-    ds = _host_shard(ds).seed(seed).shuffle().repeat()
-    ds = ds.random_map(transform) if random else ds.map(transform)
+    ds = _host_shard(ds).seed(seed).shuffle().repeat().map(transform)
     return ds[skip_batches * local:].batch(local, drop_remainder=True)
 
 
-def train_dataset(source, image_size: int, batch_size: int, seed: int,
-                  aug: Augment | None = None, num_workers: int = 0,
-                  prefetch: int = 2, skip_batches: int = 0) -> grain.IterDataset:
-    """Endless shuffled, augmented batches of ``batch_size // process_count`` examples.
+def _train_example(example):
+    return {"image": example["image"], "label": np.int32(example["label"])}
 
-    Each epoch is shuffled anew; every random choice derives from ``seed`` and the position in
-    the stream, so the stream is the same in every run and its iterator state can be saved.
-    ``skip_batches`` starts it later (a training phase continues where the one before ended).
+
+def train_dataset(source, batch_size: int, seed: int, num_workers: int = 0, prefetch: int = 2,
+                  skip_batches: int = 0) -> grain.IterDataset:
+    """Endless shuffled batches of ``batch_size // process_count`` stored uint8 images (a
+    decoded source: augmentation happens on the device, in the step).
+
+    Each epoch is shuffled anew from ``seed`` and the position in the stream, so the stream is
+    the same in every run and its iterator state can be saved. ``skip_batches`` starts it later
+    (a training phase continues where the one before ended).
     """
-    if aug is None:
-        transform, random = functools.partial(_plain_example, size=image_size), False
-    else:
-        transform, random = functools.partial(_train_example, size=image_size, aug=aug), True
-    ds = _train_stream(grain.MapDataset.source(source), transform, seed, batch_size,
-                       skip_batches, random)
+    ds = _train_stream(grain.MapDataset.source(source), _train_example, seed, batch_size,
+                       skip_batches)
     return _iterate(ds, num_workers, prefetch)
 
 
@@ -141,12 +107,12 @@ def _pad_batch(examples, batch_size: int):
     return batch
 
 
-def eval_dataset(source, image_size: int, batch_size: int, num_workers: int = 0,
+def eval_dataset(source, batch_size: int, num_workers: int = 0,
                  prefetch: int = 2) -> grain.IterDataset:
     """Every example of this host's shard once, in order, in batches of ``batch_size //
     process_count``; the last batch is zero-padded and ``mask`` marks the real examples."""
     local = batch_size // jax.process_count()
     ds = _host_shard(grain.MapDataset.source(source))
-    ds = ds.map(functools.partial(_eval_example, size=image_size))
+    ds = ds.map(_eval_example)
     ds = ds.batch(local, batch_fn=functools.partial(_pad_batch, batch_size=local))
     return _iterate(ds, num_workers, prefetch)

@@ -1,0 +1,154 @@
+"""How much of the jitted step's speed a real training loop keeps.
+
+For each case prints one JSON line: ``step_img_s`` (the phase's jitted train step alone, on
+one batch already on the devices, median over ``--steps``), ``loop_img_s`` (a real
+``train_and_evaluate`` epoch through the loader, from the loop's own progress lines after the
+first interval, median) and ``loop_efficiency``, their ratio.
+
+    python benchmarks/loop_overhead.py [--cases smallcnn,efficientnetb2_frozen] [--devices 4]
+        [--workers 0] [--baseline /tmp/fracture_jax_old]
+
+Cases: ``smallcnn`` (96 px, batch 64: a step of milliseconds) and ``efficientnetb2_frozen``
+(260 px, batch 32, random weights, backbone frozen, augmentation on). The data are phantoms
+written at the case's size into a temporary folder. With ``--baseline DIR`` (another checkout,
+e.g. a ``git worktree`` of an older commit) each case runs there too, right after.
+"""
+
+import argparse
+import json
+import logging
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = {  # model, image size, batch, freeze, steps per epoch, log every
+    "smallcnn": ("smallcnn", 96, 64, "none", 60, 10),
+    "efficientnetb2_frozen": ("efficientnetb2", 260, 32, "all", 12, 3),
+}
+
+
+def _config(case: str, root: str, workers: int):
+    from configs import default
+    model, size, batch, freeze, steps, every = CASES[case]
+    c = default.get_config()
+    c.data.root, c.data.num_workers = root, workers
+    c.model.name, c.model.image_size, c.model.pretrained = model, size, None
+    c.train.batch_size, c.train.freeze, c.train.epochs = batch, freeze, 1
+    c.train.steps_per_epoch, c.train.log_every, c.train.checkpoint_every = steps, every, 0
+    c.train.cache_features = "off"
+    c.eval.after_train = False
+    return c
+
+
+def step_speed(config, steps: int) -> float:
+    """Images/s of the phase's jitted train step on one resident batch."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from fracture_jax import parallel
+    from fracture_jax.models.builder import frozen_layers, initial_variables
+    from fracture_jax.train import Phase, TrainState, compile_phase
+
+    mesh = parallel.make_mesh()
+    variables, _ = initial_variables(config, jax.random.key(0))
+    phase = Phase(0, 0, frozen_layers(config.model.name, config.train.freeze), 1.0)
+    program = compile_phase(config, phase, False, 100, mesh)
+    create = getattr(TrainState, "create", None) or (  # (older trees: no create)
+        lambda *a: TrainState(jnp.zeros((), jnp.int32), *a))
+    state = parallel.replicate(create(variables["params"], variables.get("batch_stats", {}),
+                                      program.init_opt_state(variables["params"])), mesh)
+    size, batch = config.model.image_size, config.train.batch_size
+    rng = np.random.default_rng(0)
+    host = {"image": rng.integers(0, 256, (batch, size, size, 3)).astype(np.uint8),
+            "label": rng.integers(0, 2, batch).astype(np.int32)}
+    data = parallel.shard_batch(host, mesh)  # uint8: the models cast their input themselves
+    key, times = jax.random.key(0), []
+    for i in range(steps + 2):  # two untimed: compile, warm-up
+        t = time.perf_counter()
+        out = program.train_step(state, data, key)
+        state = out[0]
+        jax.block_until_ready(out[1])
+        times.append(time.perf_counter() - t)
+    return batch / statistics.median(times[2:])
+
+
+class _Rates(logging.Handler):
+    """The images/s of each progress line the loop logs."""
+
+    def __init__(self):
+        super().__init__()
+        self.rates = []
+
+    def emit(self, record):
+        found = re.search(r" ([\d.]+) img/s", record.getMessage())
+        if found:
+            self.rates.append(float(found.group(1)))
+
+
+def loop_speed(config, workdir: str) -> float:
+    from fracture_jax.train import train_and_evaluate
+    rates = _Rates()
+    logging.getLogger("absl").addHandler(rates)
+    try:
+        train_and_evaluate(config, workdir)
+    finally:
+        logging.getLogger("absl").removeHandler(rates)
+    return statistics.median(rates.rates[1:])  # the first interval holds the compilation
+
+
+def run_case(case: str, a) -> dict:
+    from fracture_jax.data.synthetic import write_phantoms
+    _, size, batch, _, steps, _ = CASES[case]
+    with tempfile.TemporaryDirectory() as tmp:
+        per_class = max(24, steps * batch // 2 + batch)
+        root = str(write_phantoms(os.path.join(tmp, "data"), per_class, size, seed=0))
+        config = _config(case, root, a.workers)
+        step = step_speed(config, a.steps)
+        loop = loop_speed(config, os.path.join(tmp, "run"))
+    import jax
+    return {"bench": "loop_overhead", "case": case, "tree": a.tree, "image_size": size,
+            "batch": batch, "devices": jax.device_count(), "workers": a.workers,
+            "step_img_s": round(step, 2), "loop_img_s": round(loop, 2),
+            "loop_efficiency": round(loop / step, 3)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--devices", type=int, default=4, help="faked CPU devices (CPU only)")
+    p.add_argument("--workers", type=int, default=0, help="grain worker processes")
+    p.add_argument("--steps", type=int, default=10, help="timed steps for step_img_s")
+    p.add_argument("--baseline", default="", help="another checkout, run after each case")
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child process
+    p.add_argument("--tree", default=str(ROOT), help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.one:  # in a fresh process: the device count is fixed when JAX starts
+        sys.path.insert(0, a.tree)
+        from fracture_jax.kernels.host_memory import restart_with_tunables
+        restart_with_tunables()
+        print(json.dumps(run_case(a.cases, a)), flush=True)
+        return
+    for case in a.cases.split(","):
+        for tree in filter(None, (str(ROOT), a.baseline)):
+            env = {k: v for k, v in os.environ.items() if k != "FRACTURE_JAX_RESTARTED"}
+            if not any(p in env.get("JAX_PLATFORMS", "cpu") for p in ("cuda", "gpu", "tpu")):
+                env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                                    f" --xla_force_host_platform_device_count={a.devices}")
+            out = subprocess.run([sys.executable, __file__, "--one", "--cases", case,
+                                  "--workers", str(a.workers), "--steps", str(a.steps),
+                                  "--tree", tree],
+                                 cwd=tree, env=env, capture_output=True, text=True)
+            lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
+            print(lines[-1] if lines else json.dumps(
+                {"case": case, "tree": tree, "error": out.stderr[-3000:]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
