@@ -1,12 +1,21 @@
-"""Images/s of the train input pipeline (decode + resize + augment + batch) per worker count.
+"""Images/s of the train input pipeline: JPEG decoding per epoch against the decoded copy.
 
     python benchmarks/loader_speed.py --data ../shared/data/fracatlas [--workers 0,1,2]
 
-Prepares the folder into a temporary TFDS copy once, then times ``--batches`` batches after
-``--warmup`` for each worker count, printing one JSON line each (median of ``--repeats``).
+Prepares the folder into a temporary TFDS copy and decodes it once (the decoded copy's build
+time is printed too), then times ``--batches`` batches after ``--warmup`` for each path and
+worker count, one JSON line each (median of ``--repeats``):
+
+- ``jpeg``: what every epoch did before the decoded copy: each image's original bytes decoded
+  and resized (PIL) in the pipeline; its PIL augmentation, now on the device, is left out, so
+  this path's figure is an upper bound of what it was;
+- ``decoded``: the train stream of the decoded copy (uint8 arrays read and batched).
+
+With ``workers`` 0 everything runs in this process's one thread: the figure is per core.
 """
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -16,15 +25,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import grain  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fracture_jax.data.builder import data_sources, prepare  # noqa: E402
-from fracture_jax.data.pipeline import Augment, train_dataset  # noqa: E402
+from fracture_jax.data.builder import data_sources, dataset_dir, prepare  # noqa: E402
+from fracture_jax.data.decode import decode, resize  # noqa: E402
+from fracture_jax.data.decoded import prepare_decoded  # noqa: E402
+from fracture_jax.data.pipeline import _iterate, train_dataset  # noqa: E402
 
 
-def measure(source, workers, size, batch, batches, warmup, seed):
-    it = iter(train_dataset(source, size, batch, seed, Augment(), num_workers=workers,
-                            prefetch=2))
+def _jpeg_example(example, size):
+    name = example["filename"].decode()
+    return {"image": resize(decode(example["image"], name, draft_size=2 * size), size),
+            "label": np.int32(example["label"])}
+
+
+def jpeg_stream(source, size, batch, seed, workers):
+    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+    ds = ds.map(functools.partial(_jpeg_example, size=size)).batch(batch, drop_remainder=True)
+    return iter(_iterate(ds, workers, prefetch=2))
+
+
+def measure(it, batch, batches, warmup):
     for _ in range(warmup):
         next(it)
     t = time.perf_counter()
@@ -45,14 +67,28 @@ def main():
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         prepare(a.data, tmp)
-        source = data_sources(tmp)["train"]
+        originals = data_sources(tmp)
+        t = time.perf_counter()
+        decoded = prepare_decoded(dataset_dir(Path(tmp)), originals, a.size)
+        images = sum(len(s) for s in decoded.values())
+        print(json.dumps({"bench": "decode_once", "images": images, "image_size": a.size,
+                          "seconds": round(time.perf_counter() - t, 2),
+                          "threads": os.cpu_count()}), flush=True)
         for workers in (int(w) for w in a.workers.split(",")):
-            rates = [measure(source, workers, a.size, a.batch, a.batches, a.warmup, seed)
-                     for seed in range(a.repeats)]
-            print(json.dumps({"bench": "train_pipeline", "workers": workers, "image_size": a.size,
-                              "batch": a.batch, "img_per_s_median": float(np.median(rates)),
-                              "img_per_s_runs": rates, "cores": os.cpu_count(),
-                              "data": os.path.abspath(a.data)}), flush=True)
+            for path in ("jpeg", "decoded"):
+                rates = []
+                for seed in range(a.repeats):
+                    it = (jpeg_stream(originals["train"], a.size, a.batch, seed, workers)
+                          if path == "jpeg" else
+                          iter(train_dataset(decoded["train"], a.batch, seed, workers)))
+                    rates.append(measure(it, a.batch, a.batches, a.warmup))
+                    it.close()
+                print(json.dumps({"bench": "train_pipeline", "path": path, "workers": workers,
+                                  "image_size": a.size, "batch": a.batch,
+                                  "img_per_s_median": round(float(np.median(rates)), 1),
+                                  "img_per_s_runs": [round(r, 1) for r in rates],
+                                  "cores": os.cpu_count(),
+                                  "data": os.path.abspath(a.data)}), flush=True)
 
 
 if __name__ == "__main__":

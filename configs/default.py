@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
     # image_size; larger keeps detail for zoom crops, at side^2 * 3 bytes per image on disk)
     d.num_workers = 2  # grain worker processes reading batches (0: in the main process)
     d.prefetch = 2  # batches each worker prepares ahead
-    d.augment = a = ml_collections.ConfigDict()
+    d.augment = a = ml_collections.ConfigDict()  # on the device, in the train step
     a.flip = True  # random horizontal flip
     a.rotate_deg = 10.0  # max rotation in degrees (0: off)
     a.zoom = 0.1  # max random zoom-in fraction, as a random crop (0: off)

@@ -171,7 +171,7 @@ def evaluate(config, workdir: str) -> dict:
     members = [load_member(w) for w in [workdir] + extra]
     # the data named on the command line, else the data the run was trained on
     data = config if config.data.root or config.data.synthetic else members[0].config
-    report, all_sources = dataset.load(data, workdir)
+    report, all_sources = dataset.load(data, workdir, dataset.decoded_side(members[0].config))
     sources = {s: all_sources[s] for s in ("val", "test") if s in all_sources}
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)

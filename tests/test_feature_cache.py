@@ -58,6 +58,8 @@ def test_cached_head_phase_trains_the_same_model(phantom_root, tmp_path, caplog)
         assert a.keys() == b.keys()
         for key in a:
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), key
+    # Adam's normalised steps (lr 1e-2) carry last-bit differences into the weights: up to
+    # 2e-5 seen on a weight of 0.035, against updates of 1e-2 per step.
     for x, y in zip(jax.tree.leaves((ref_state.params, ref_state.batch_stats)),
                     jax.tree.leaves((state.params, state.batch_stats))):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=5e-5)

@@ -31,11 +31,12 @@ def decoded_side(config) -> int:
     return config.data.decoded_side or config.model.image_size
 
 
-def load(config, workdir: str):
+def load(config, workdir: str, side: int | None = None):
     """``(scan report, {split: decoded source})`` for the config's data, preparing the copy
-    of the original bytes and decoding it once if needed."""
+    of the original bytes and decoding it once (at ``side``, default ``decoded_side``) if
+    needed."""
     root = data_root(config, workdir)
     prepared = Path(config.data.prepared_dir or os.path.join(workdir, "tfds")).expanduser()
     report = prepare(root, str(prepared))
     return report, prepare_decoded(dataset_dir(prepared), data_sources(str(prepared)),
-                                   decoded_side(config))
+                                   side or decoded_side(config))
