@@ -6,6 +6,7 @@
 The logic lives in the ``fracture_jax`` package; this file parses flags and dispatches.
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -50,6 +51,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from fracture_jax import cli
     from fracture_jax.errors import UserError
+    from fracture_jax.interrupt import Interrupted
 
     try:
         cli.run(FLAGS.config, FLAGS.workdir, FLAGS.mode, images=FLAGS.images)
@@ -57,6 +59,11 @@ def main(argv):
         logging.flush()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:  # the checkpoint is written: leave without waiting on anything
+        logging.flush()
+        print(f"interrupted: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(e.code)
 
 
 if __name__ == "__main__":  # grain's worker processes start by importing this module

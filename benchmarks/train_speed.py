@@ -156,21 +156,21 @@ def run_peer(peer: str, models: list[str], modes: list[str], a) -> list[dict]:
     return records
 
 
-def run_baseline(models: list[str], modes: list[str], a) -> list[dict]:
-    """The baseline checkout's own train_speed.py on the same models and modes (a separate
-    process, its own imports); its records relabelled ``baseline``."""
+def run_tree(tree: str, label: str, models: list[str], modes: list[str], a) -> list[dict]:
+    """A checkout's own train_speed.py on the same models and modes, in a process of its own
+    (its imports; and its memory freed after, for the next); its records labelled ``label``."""
     cmd = [sys.executable, "benchmarks/train_speed.py", "--models", ",".join(models),
            "--modes", ",".join(modes), "--size", str(a.size), "--batch", str(a.batch),
            "--vgg-train-batch", str(a.vgg_train_batch), "--steps", str(a.steps),
            "--dtype", a.dtype]
     env = {k: v for k, v in os.environ.items() if k != "FRACTURE_JAX_RESTARTED"}
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=a.baseline, env=env)
-    records = [dict(json.loads(line), framework="baseline")
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tree, env=env)
+    records = [dict(json.loads(line), framework=label)
                for line in out.stdout.splitlines() if line.startswith("{")]
     for r in records:
         print(json.dumps(r), flush=True)
     if out.returncode:
-        print(json.dumps({"framework": "baseline", "error": out.stderr[-2000:]}), flush=True)
+        print(json.dumps({"framework": label, "error": out.stderr[-2000:]}), flush=True)
     return records
 
 
@@ -216,14 +216,17 @@ def main():
     a = p.parse_args()
     models, modes = a.models.split(","), a.modes.split(",")
     ours, peers = [], []
+    root = str(Path(__file__).resolve().parents[1])
     for _ in range(a.rounds):
         for name in models:  # each model's frameworks back to back: the machine drifts
-            for mode in modes:
-                batch = a.vgg_train_batch if name == "vgg16" and mode != "infer" else a.batch
-                ours.append(bench(name, mode, a.size, batch, a.steps, a.dtype))
-                print(json.dumps(ours[-1]), flush=True)
-            if a.baseline:
-                peers += run_baseline([name], modes, a)
+            if a.baseline:  # both trees in processes of their own: one holds its heap till exit
+                ours += run_tree(root, "fracture_jax", [name], modes, a)
+                peers += run_tree(a.baseline, "baseline", [name], modes, a)
+            else:
+                for mode in modes:
+                    batch = a.vgg_train_batch if name == "vgg16" and mode != "infer" else a.batch
+                    ours.append(bench(name, mode, a.size, batch, a.steps, a.dtype))
+                    print(json.dumps(ours[-1]), flush=True)
             for peer in filter(None, a.peers.split(",")):
                 peers += run_peer(peer, [name], modes, a)
     if peers:

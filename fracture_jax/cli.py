@@ -3,7 +3,7 @@
 import jax
 from absl import logging
 
-from fracture_jax import kernels
+from fracture_jax import interrupt, kernels, workdir_lock
 from fracture_jax.errors import UserError
 from fracture_jax.models import get_spec
 
@@ -17,15 +17,27 @@ def log_devices():
 
 
 def run(config, workdir: str, mode: str, images: str | None = None):
+    """``mode`` on ``config`` and ``workdir``, with SIGINT and SIGTERM handled
+    (``interrupt``)."""
+    with interrupt.handled():
+        _run(config, workdir, mode, images)
+
+
+def _run(config, workdir: str, mode: str, images: str | None):
     quiet_libraries()
     log_devices()
     get_spec(config.model.name)  # an unknown model name fails here, before any work
     if mode == "train":
         from fracture_jax.train import train_and_evaluate
-        train_and_evaluate(config, workdir)
-        if config.eval.after_train:
-            from fracture_jax.evaluate import evaluate
-            evaluate(config, workdir)
+        with workdir_lock.held(workdir):
+            train_and_evaluate(config, workdir)
+            if config.eval.after_train:
+                from fracture_jax.evaluate import CHANCE, evaluate
+                chance = [w for w in evaluate(config, workdir)["warnings"] if CHANCE in w]
+                if chance and not config.train.allow_chance:
+                    raise UserError(f"the trained model is at chance level: {chance[0]}; the "
+                                    f"report is in {workdir}/eval. Set "
+                                    "--config.train.allow_chance=True to accept such a run")
     elif mode == "eval":
         from fracture_jax.evaluate import evaluate
         evaluate(config, workdir)

@@ -205,7 +205,10 @@ def evaluate(config, workdir: str) -> dict:
                "flip_tta": config.eval.flip_tta,
                "bootstrap": {"resamples": config.eval.bootstrap, "seed": config.seed,
                              "level": 0.95},
-               "speed": speed, "results": results, "fracture_jax": fracture_jax.__version__}
+               "speed": speed, "results": results, "fracture_jax": fracture_jax.__version__,
+               "warnings": failure_flags(probs, results[primary])}
+    for line in metrics["warnings"]:
+        logging.warning("%s\nWARNING: %s\n%s", "!" * 70, line, "!" * 70)
     write_json(os.path.join(out_dir, "metrics.json"), metrics)
     write_json(threshold_path(workdir), results[members[0].name]["threshold"]
                | {"model": members[0].name})
@@ -214,6 +217,24 @@ def evaluate(config, workdir: str) -> dict:
     _log_summary(metrics)
     print(f"evaluation done: report {page}, metrics {os.path.join(out_dir, 'metrics.json')}")
     return metrics
+
+
+CHANCE = "contains 0.5 (chance level)"
+
+
+def failure_flags(probs: dict, result: dict) -> list[str]:
+    """What says the model does not work: the same probability for every image of a split, or
+    a val ROC AUC whose 95% interval contains 0.5."""
+    flags = []
+    for split, (p, _) in probs.items():
+        if np.ptp(p) < 1e-6:
+            flags.append(f"{split}: the model gives every image the same probability "
+                         f"({float(p[0]):.4f}); it separates nothing")
+    op = result["val"]["operating"]
+    auc, (low, high) = op["metrics"]["roc_auc"], op["ci95"]["roc_auc"]
+    if low <= 0.5 <= high:
+        flags.append(f"val ROC AUC {auc:.3f}, 95% interval [{low:.3f}, {high:.3f}] {CHANCE}")
+    return flags
 
 
 def _write_predictions(path: str, files: list[str], labels, columns: dict):

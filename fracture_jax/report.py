@@ -25,6 +25,7 @@ figure { margin: 1em 0 2em; }
 figure img { max-width: 100%; border: 1px solid #ddd; }
 pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 0.85em; }
 .note { color: #555; font-size: 0.9em; }
+.warning { color: #900; background: #fee; border: 1px solid #c66; padding: 6px 10px; }
 """
 
 # Counts the figures that decoded, so a broken page says so at its foot.
@@ -86,6 +87,8 @@ def write_report(path: str, metrics: dict, figures: dict, data_report, config: d
     thr = result["threshold"]
     split = "test" if "test" in result else "val"
     parts = [f"<h1>Fracture classification report: {_e(primary)}</h1>",
+             *(f'<p class="warning"><b>Warning:</b> {_e(w)}</p>'
+               for w in metrics.get("warnings", [])),
              f'<p class="note">fracture_jax {_e(metrics["fracture_jax"])}, '
              f'{time.strftime("%Y-%m-%d %H:%M")}; test-time flip: {metrics["flip_tta"]}; '
              f'95% CIs from {metrics["bootstrap"]["resamples"]} bootstrap resamples of the '

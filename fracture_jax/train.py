@@ -1,10 +1,14 @@
 """Data-parallel fine-tuning: train state, steps, schedules, freezing, and the training loop.
 
 The steps are ``jax.jit`` over ``jax.shard_map`` on a 1-D mesh of all devices: each device
-runs the per-device program on its slice of the global batch, the loss is ``lax.pmean``-ed
-(so its gradient is the global mean) and BatchNorm statistics are synced over the axis.
-Frozen backbone layers are outside the differentiated tree: no gradient is computed for them,
-and their BatchNorm runs in inference mode (Keras' rule for ``trainable=False``).
+runs the per-device program on its slice of the global batch (augmenting its uint8 images
+first), the loss is ``lax.pmean``-ed (so its gradient is the global mean) and BatchNorm
+statistics are synced over the axis. Frozen backbone layers are outside the differentiated
+tree: no gradient is computed for them, and their BatchNorm runs in inference mode (Keras' rule
+for ``trainable=False``).
+
+Read ``train_and_evaluate`` (at the end) as the recipe: it enters a phase, runs an epoch, ends
+it, and finishes; ``_Trainer`` holds each of those steps, ``LoopState`` where the loop stands.
 """
 
 import collections
@@ -12,6 +16,7 @@ import dataclasses
 import functools
 import math
 import os
+import signal
 import time
 from typing import Any
 
@@ -24,7 +29,7 @@ from absl import logging
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from fracture_jax import feature_cache, kernels, parallel
+from fracture_jax import feature_cache, interrupt, kernels, parallel
 from fracture_jax.augment import Augment, augment_batch, model_input
 from fracture_jax.checkpoint import RunCheckpoints
 from fracture_jax.data import dataset
@@ -233,6 +238,9 @@ def compile_phase(config, phase: Phase, rescaling: bool, steps_per_epoch: int,
 
 # ---------------------------------------------------------------- the loop's state
 
+DIVERGED, DIVERGED_READS = 100.0, 3  # a loss this many times the first, this many reads
+
+
 @dataclasses.dataclass
 class LoopState:
     """Where the loop stands; saved as every checkpoint's metadata (with the config)."""
@@ -243,6 +251,8 @@ class LoopState:
     history: list = dataclasses.field(default_factory=list)
     best: float | None = None
     bad_epochs: int = 0
+    first_loss: float | None = None  # the run's first step's loss, before any update
+    diverging: int = 0  # reads in a row with the loss above DIVERGED x first_loss
 
     def running(self, config) -> bool:
         return self.epoch < config.train.epochs and self.bad_epochs < config.train.patience
@@ -257,9 +267,15 @@ class LoopState:
         self.bad_epochs = 0 if improved else self.bad_epochs + 1
         return improved
 
+    def watch(self, loss: float) -> bool:
+        """Count a read of the loss; whether it has stayed diverged for ``DIVERGED_READS``."""
+        diverged = self.first_loss is not None and loss > DIVERGED * max(self.first_loss, 1e-3)
+        self.diverging = self.diverging + 1 if diverged else 0
+        return self.diverging >= DIVERGED_READS
+
     @classmethod
     def from_meta(cls, meta: dict) -> "LoopState":
-        return cls(**{f.name: meta[f.name] for f in dataclasses.fields(cls)})
+        return cls(**{f.name: meta[f.name] for f in dataclasses.fields(cls) if f.name in meta})
 
 
 @dataclasses.dataclass
@@ -313,9 +329,18 @@ class _Feed:
         """(host labels, device batch) of step ``i``; batches up to step ``last`` may load."""
         while self.next_index <= min(i + self.ahead, last):
             host = next(self.batches)
-            self.queue.append((host["label"], parallel.shard_batch(host, self.mesh)))
+            self.queue.append((host["label"], parallel.shard_batch(host, self.mesh),
+                               self.batches.get_state()))
             self.next_index += 1
-        return self.queue.popleft()
+        labels, batch, self.position = self.queue.popleft()
+        return labels, batch
+
+    def rewind(self):
+        """The iterator put back to just after the last batch taken (those loaded ahead
+        dropped), so that its saved position is the loop's."""
+        if self.queue:
+            self.batches.set_state(self.position)
+            self.queue.clear()
 
 
 class _Progress:
@@ -431,8 +456,11 @@ class _Trainer:
             in_flight.append(loss)
             if len(in_flight) > 2:
                 in_flight.popleft().block_until_ready()
+            if loop.first_loss is None:  # the run's very first step: one read, for ``watch``
+                loop.first_loss = float(loss)
             if progress.due(i):
                 self.check(state)
+                self.watch(loop, float(loss), step)
                 lr = float(program.lr(step - 1))  # the rate this step used
                 progress.log(i, float(loss), lr)
                 if self.writer:
@@ -441,7 +469,30 @@ class _Trainer:
             if saves_in == 0 and i + 1 < self.steps:
                 self.check(state)
                 self.ckpt.save_latest(step, state, outputs.arrays(), batches, self.meta(loop))
+            if interrupt.requested():
+                self.stop(loop, state, outputs, batches, feed)
         return state
+
+    def stop(self, loop: LoopState, state, outputs: TrainOutputs, batches, feed: "_Feed"):
+        """A signal asked the run to stop: save where it is, then raise ``Interrupted``."""
+        self.check(state)
+        feed.rewind()
+        step = int(state.step)
+        self.ckpt.save_latest(step, state, outputs.arrays(), batches, self.meta(loop))
+        signum = interrupt.requested()
+        raise interrupt.Interrupted(
+            signum, f"stopped by {signal.Signals(signum).name} at step {step} (epoch "
+            f"{loop.epoch + 1}, step {loop.step_in_epoch} of {self.steps}); the checkpoint is in "
+            f"{self.ckpt.latest.directory}: run the same command again to resume")
+
+    def watch(self, loop: LoopState, loss: float, step: int):
+        """Stop when the loss has stayed over ``DIVERGED`` times the first step's."""
+        if loop.watch(loss):
+            raise UserError(
+                f"the loss diverged: {loss:.4g} at step {step}, over {DIVERGED:g}x the first "
+                f"step's {loop.first_loss:.4g} at {DIVERGED_READS} reads in a row; training "
+                f"stopped (the best epoch so far is in {self.ckpt.best.directory}). Lower "
+                "optimizer.lr or set optimizer.grad_clip")
 
     def check(self, state):
         """Stop, with the last good checkpoint kept, if a step was not finite (a sync)."""
@@ -472,6 +523,7 @@ class _Trainer:
         if self.writer:
             for k, v in metrics.items():
                 self.writer.add_scalar(k.replace("_", "/", 1), v, loop.epoch + 1)
+        self.watch(loop, metrics["train_loss"], step)
         value = metrics[self.metric]
         improved = loop.end_epoch(metrics, value, self.minimise)
         _write_json(self.workdir, "history.json", loop.history)
@@ -518,19 +570,20 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     run = _Trainer(config, workdir)
     loop, state, outputs, program, batches = run.start()
     try:
-        while loop.running(config):
-            phase = phase_at(run.plan, loop.epoch)
-            if phase.index != program.phase.index:  # the two-phase recipe unfreezes
-                logging.info("phase %d from epoch %d: %d frozen layers, lr x%g", phase.index,
-                             loop.epoch + 1, len(phase.frozen), phase.lr_scale)
-                program, loop.phase = run.compile(phase), phase.index
-                host = jax.device_get(state)
-                state = parallel.replicate(
-                    host.replace(opt_state=program.init_opt_state(host.params)), run.mesh)
-                batches.close()
-                batches = run.stream(program, state.variables)
-            state = run.run_epoch(loop, state, outputs, program, batches)
-            run.end_epoch(loop, state, outputs, program, batches)
+        with interrupt.graceful():  # a first Ctrl-C or SIGTERM: checkpoint, then stop
+            while loop.running(config):
+                phase = phase_at(run.plan, loop.epoch)
+                if phase.index != program.phase.index:  # the two-phase recipe unfreezes
+                    logging.info("phase %d from epoch %d: %d frozen layers, lr x%g",
+                                 phase.index, loop.epoch + 1, len(phase.frozen), phase.lr_scale)
+                    program, loop.phase = run.compile(phase), phase.index
+                    host = jax.device_get(state)
+                    state = parallel.replicate(
+                        host.replace(opt_state=program.init_opt_state(host.params)), run.mesh)
+                    batches.close()
+                    batches = run.stream(program, state.variables)
+                state = run.run_epoch(loop, state, outputs, program, batches)
+                run.end_epoch(loop, state, outputs, program, batches)
         state = run.finish(loop, state, program)
     finally:
         run.close(batches)

@@ -19,6 +19,8 @@ from fracture_jax import cli, parallel
 from fracture_jax.data.builder import data_sources, dataset_dir, prepare
 from fracture_jax.data.decoded import prepare_decoded
 from fracture_jax.data.pipeline import example_at
+from fracture_jax.errors import UserError
+from fracture_jax.evaluate import failure_flags, score
 from fracture_jax.gradcam import grad_cam
 from fracture_jax.inference import make_forward, predict
 from fracture_jax.models import FractureClassifier, backbone_layers
@@ -145,6 +147,32 @@ def test_train_ends_with_an_eval_report(trained_runs):
     assert metrics["speed"][metrics["primary"]]["test"]["images_per_s"] > 0
 
 
+def test_failure_flags():
+    """A split of one probability, and a val ROC AUC interval that contains 0.5, are flagged;
+    a working model is not."""
+    y = np.array([0, 0, 0, 1, 1, 1])
+    good = score({"val": (np.array([.1, .2, .3, .7, .8, .9]), y)}, default.get_config())
+    assert failure_flags({"val": (np.array([.1, .2, .3, .7, .8, .9]), y)}, good) == []
+    flat = {"val": (np.full(6, 0.37), y)}
+    flags = failure_flags(flat, score(flat, default.get_config()))
+    assert "val: the model gives every image the same probability (0.3700)" in flags[0]
+    assert "contains 0.5 (chance level)" in flags[1]
+
+
+def test_a_model_at_chance_fails_the_train_command_unless_allowed(phantom_root, tmp_path):
+    """Learning rate 0: the random model's val ROC AUC interval contains 0.5. The report and
+    metrics.json say so first; --mode=train then fails, unless train.allow_chance."""
+    config = tiny_config(**{"data.root": str(phantom_root), "data.num_workers": 0,
+                            "train.epochs": 1, "eval.bootstrap": 50, "optimizer.lr": 0.0,
+                            "train.allow_chance": False})
+    with pytest.raises(UserError, match="the trained model is at chance level: val ROC AUC"):
+        cli.run(config, str(tmp_path), "train")
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert any("chance level" in w for w in metrics["warnings"])
+    page = (tmp_path / "eval" / "report.html").read_text()
+    assert page.index('class="warning"') < page.index("<h2>Data</h2>")
+
+
 def test_ensemble_averages_member_probabilities(trained_runs):
     (_, first), (_, second) = trained_runs
     config = default.get_config()  # no data named: the run's own data is scored
@@ -190,8 +218,7 @@ def test_predict_writes_a_row_per_file_and_reports_bad_ones(trained_runs, phanto
 
 
 def test_eval_without_a_trained_run_says_what_to_do(phantom_root, tmp_path):
-    from fracture_jax.errors import UserError
-    config = tiny_config(**{"data.root": str(phantom_root)})
+        config = tiny_config(**{"data.root": str(phantom_root)})
     with pytest.raises(UserError, match="train first with --mode=train"):
         cli.run(config, str(tmp_path / "empty"), "eval")
 

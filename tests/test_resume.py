@@ -1,5 +1,6 @@
-"""Checkpoints: a run killed with SIGKILL at a random step resumes to bitwise the same result;
-half-written checkpoints are never used; a non-finite loss stops with the last good state."""
+"""Checkpoints: a run stopped by SIGKILL, SIGTERM or SIGINT at a step resumes to bitwise the
+same result and leaves no process behind; half-written checkpoints are never used; a
+non-finite step stops the run with the last good state."""
 
 import json
 import os
@@ -7,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +19,7 @@ from conftest import REPO
 from test_train import NO_AUGMENTATION, tiny_config
 
 from fracture_jax.errors import UserError
-from fracture_jax.train import train_and_evaluate
+from fracture_jax.train import LoopState, train_and_evaluate
 
 STEPS_PER_EPOCH, EPOCHS = 3, 3  # 24 phantom train images, batch 8
 # The kill step of the image stream: drawn from a seed (FRACTURE_JAX_KILL_SEED, default 0) so
@@ -30,25 +32,58 @@ def _command(workdir, root, extra):
     overrides = extra | {"model.name": "smallcnn", "model.image_size": 32, "data.root": root,
                          "data.num_workers": 1, "train.batch_size": 8, "train.epochs": EPOCHS,
                          "train.patience": 9, "train.checkpoint_every": 1, "train.log_every": 1,
-                         "optimizer.lr": 3e-3}
+                         "optimizer.lr": 3e-3, "train.allow_chance": True}
     return [sys.executable, str(REPO / "main.py"), "--config=" + str(REPO / "configs/default.py"),
             f"--workdir={workdir}", "--mode=train"] + [f"--config.{k}={v}" for k, v in overrides.items()]
 
 
-def _run(workdir, root, extra, kill_at_step=None):
+def _group(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group ``pgid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[2] == str(pgid) and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def _leftovers(pgid: int, wait: float = 15.0) -> list[int]:
+    """Processes of the run's group still alive ``wait`` seconds after it ended (its loader's
+    workers, a resource tracker); killed here, so that the test leaves nothing behind."""
+    deadline = time.monotonic() + wait
+    while _group(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = _group(pgid)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    return left
+
+
+def _run(workdir, root, extra, kill_at_step=None, sig=signal.SIGKILL):
+    """(exit code, log, seconds from the signal to the exit, leftover processes)."""
     proc = subprocess.Popen(_command(workdir, root, extra), cwd=REPO, stderr=subprocess.PIPE,
-                            text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    log = []
+                            text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            start_new_session=True)
+    log, sent = [], None
     for line in proc.stderr:
         log.append(line)
-        if kill_at_step is not None and " step " in line and " img/s" in line:
+        if (kill_at_step is not None and sent is None and " step " in line
+                and " img/s" in line):
             epoch = int(line.split("epoch ")[1].split("/")[0])
             step = int(line.split(" step ")[1].split("/")[0])
             if (epoch - 1) * STEPS_PER_EPOCH + step >= kill_at_step:
-                proc.send_signal(signal.SIGKILL)
-                break
-    proc.wait()
-    return proc.returncode, "".join(log)
+                proc.send_signal(sig)
+                sent = time.monotonic()
+                if sig == signal.SIGKILL:
+                    break
+    try:
+        proc.wait(timeout=120)
+    finally:
+        left = _leftovers(proc.pid)
+    return proc.returncode, "".join(log), sent and time.monotonic() - sent, left
 
 
 def _best_state(workdir):
@@ -64,28 +99,58 @@ def _best_state(workdir):
 CACHED_HEAD_PHASE = {"train.head_epochs": 1, **NO_AUGMENTATION}
 
 
-@pytest.mark.parametrize("extra, kill_at", [({}, KILL_STEP), (CACHED_HEAD_PHASE, 2)],
-                         ids=[f"images-seed{KILL_SEED}-kill{KILL_STEP}", "cached-head-phase-kill2"])
-def test_sigkill_at_a_step_then_resume_is_bitwise_identical(phantom_root, tmp_path, extra,
-                                                            kill_at):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    rc, log = _run(straight, phantom_root, extra)
-    assert rc == 0, log[-3000:]
-    assert ("cached backbone features" in log) == bool(extra)
-    rc, log = _run(killed, phantom_root, extra, kill_at_step=kill_at)
-    assert rc == -signal.SIGKILL, f"not killed at step {kill_at}: {log[-2000:]}"
-    rc, log = _run(killed, phantom_root, extra)
+@pytest.fixture(scope="module")
+def straight(phantom_root, tmp_path_factory):
+    """The uninterrupted run of a setting, once per setting."""
+    runs = {}
+
+    def run(extra):
+        key = json.dumps(extra, sort_keys=True)
+        if key not in runs:
+            workdir = tmp_path_factory.mktemp("straight")
+            rc, log, _, left = _run(workdir, phantom_root, extra)
+            assert rc == 0 and not left, log[-3000:]
+            assert ("cached backbone features" in log) == bool(extra)
+            runs[key] = workdir
+        return runs[key]
+    return run
+
+
+@pytest.mark.parametrize("extra, kill_at, sig", [
+    ({}, KILL_STEP, signal.SIGKILL), ({}, KILL_STEP, signal.SIGTERM),
+    ({}, KILL_STEP, signal.SIGINT), (CACHED_HEAD_PHASE, 2, signal.SIGKILL)],
+    ids=[f"images-seed{KILL_SEED}-sigkill-at{KILL_STEP}",
+         f"images-seed{KILL_SEED}-sigterm-at{KILL_STEP}",
+         f"images-seed{KILL_SEED}-sigint-at{KILL_STEP}", "cached-head-phase-sigkill-at2"])
+def test_stopped_at_a_step_then_resumed_is_bitwise_identical(phantom_root, tmp_path, straight,
+                                                             extra, kill_at, sig):
+    """SIGKILL, SIGTERM (a preemption) or SIGINT (Ctrl-C) at a step: the run stops (SIGTERM
+    and SIGINT within seconds, with a checkpoint of where it was and a line saying how to
+    resume, exit code 143 or 130), leaves no loader process behind, and the next start ends
+    bitwise equal to the uninterrupted run."""
+    name = signal.Signals(sig).name
+    killed = tmp_path / "killed"
+    rc, log, seconds, left = _run(killed, phantom_root, extra, kill_at_step=kill_at, sig=sig)
+    assert not left, f"processes outlived the run stopped by {name}: {left}"
+    assert rc == (-sig if sig == signal.SIGKILL else 128 + sig), \
+        f"not stopped by {name} at step {kill_at}: {log[-2000:]}"
+    if sig != signal.SIGKILL:
+        assert seconds < 30, f"{name}: {seconds:.0f} s to exit"
+        assert f"interrupted: stopped by {name} at step" in log, log[-2000:]
+        assert "run the same command again to resume" in log
+    rc, log, _, left = _run(killed, phantom_root, extra)
     # From the first traceback: grain's teardown warnings at exit can fill the log's tail.
     start = log.find("Traceback")
-    assert rc == 0, (f"resume after a kill at step {kill_at}: "
-                     f"{log[start:][:3000] if start >= 0 else log[-3000:]}")
+    assert rc == 0 and not left, (f"resume after {name} at step {kill_at}: "
+                                  f"{log[start:][:3000] if start >= 0 else log[-3000:]}")
     assert "resumed from" in log
-    a, b = _best_state(straight), _best_state(killed)
+    reference = straight(extra)
+    a, b = _best_state(reference), _best_state(killed)
     leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(leaves_a) == len(leaves_b)
     for x, y in zip(leaves_a, leaves_b):
-        assert np.array_equal(np.asarray(x), np.asarray(y)), f"differs after kill at {kill_at}"
-    history = [json.loads((d / "history.json").read_text()) for d in (straight, killed)]
+        assert np.array_equal(np.asarray(x), np.asarray(y)), f"differs after {name} at {kill_at}"
+    history = [json.loads((d / "history.json").read_text()) for d in (reference, killed)]
     assert history[0] == history[1]
 
 
@@ -149,3 +214,27 @@ def test_a_non_finite_step_is_skipped_and_stops_the_run_at_the_next_read(phantom
     manager.close()
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
     assert int(state["bad_step"]) == 0
+
+
+def test_a_diverging_loss_stops_the_run(phantom_root, tmp_path, monkeypatch):
+    """From the 4th update the learning rate is 1e3: the loss grows huge but stays finite, and
+    the run stops after three reads of it over 100x the first step's loss."""
+    from fracture_jax import train
+    real = train.learning_rate_fn
+
+    def exploding(config, steps_per_epoch, scale=1.0):
+        schedule = real(config, steps_per_epoch, scale)
+        return lambda count: jnp.where(count >= 3, 1e3, schedule(count))
+
+    monkeypatch.setattr(train, "learning_rate_fn", exploding)
+    config = tiny_config(**{"data.root": str(phantom_root), "data.num_workers": 0,
+                            "train.epochs": 3, "train.log_every": 1})
+    with pytest.raises(UserError, match=r"the loss diverged: .* over 100x the first step's"):
+        train_and_evaluate(config, str(tmp_path))
+
+
+def test_divergence_counts_reads_in_a_row():
+    loop = LoopState(first_loss=0.7)
+    assert [loop.watch(x) for x in (80.0, 71.0, 1.0, 80.0, 90.0, 100.0)] == [
+        False, False, False, False, False, True]
+    assert LoopState().watch(1e9) is False  # no first loss read yet

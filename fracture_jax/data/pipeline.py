@@ -2,13 +2,20 @@
 that see every example exactly once (the last batch padded, with a mask). Batches hold the
 stored uint8 images; the device augments and resizes them (``fracture_jax.augment``)."""
 
+import ctypes
 import dataclasses
 import functools
+import multiprocessing
+import os
+import signal
+import sys
 
 import grain
 import jax
 import numpy as np
 from absl import flags
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 
@@ -33,6 +40,17 @@ def _host_shard(ds: grain.MapDataset) -> grain.MapDataset:
     return ds[jax.process_index()::jax.process_count()]
 
 
+def _die_with_parent(worker_index: int, worker_count: int):
+    """In a grain worker: be killed when the process that started it dies, even by SIGKILL
+    (Linux; elsewhere the worker notices its parent is gone on its next read)."""
+    del worker_index, worker_count
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        parent = multiprocessing.parent_process()
+        if parent is not None and os.getppid() != parent.pid:  # it died before that line
+            os._exit(1)
+
+
 def _iterate(ds: grain.MapDataset, num_workers: int, prefetch: int) -> grain.IterDataset:
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, 2 * prefetch),
                                               prefetch_buffer_size=4 * prefetch))
@@ -40,7 +58,8 @@ def _iterate(ds: grain.MapDataset, num_workers: int, prefetch: int) -> grain.Ite
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (notebooks, scripts)
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                         per_worker_buffer_size=prefetch))
+                                                         per_worker_buffer_size=prefetch),
+                            worker_init_fn=_die_with_parent)
     return it
 
 
