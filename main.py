@@ -8,16 +8,23 @@ The logic lives in the ``fracture_jax`` package; this file parses flags and disp
 
 import os
 import sys
+from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/default.py", "Path to a config file.",
-                                lock_config=True)
+_CONFIGS = sorted(p.name for p in (Path(__file__).parent / "configs").glob("[!_]*.py"))
+config_flags.DEFINE_config_file(
+    "config", "configs/default.py",
+    f"A config file: configs/{{{','.join(_CONFIGS)}}}. Every key, its default and its meaning "
+    "are in configs/default.py; override any with --config.<key>=<value> (e.g. "
+    "--config.optimizer.lr=3e-4); --mode=config prints the result.", lock_config=True)
 flags.DEFINE_string("workdir", "runs/default", "Where checkpoints, logs and reports go.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export", "inspect"],
-                  "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export", "inspect", "config"],
+                  "train (then eval), eval (score the best checkpoint and write the report), "
+                  "predict (--images), export (.keras, .h5, .onnx), inspect (the data folder), "
+                  "config (print the resolved config and exit).")
 flags.DEFINE_string("images", None, "predict: an image file, a folder or a glob.")
 
 

@@ -24,6 +24,9 @@ def run(config, workdir: str, mode: str, images: str | None = None):
 
 
 def _run(config, workdir: str, mode: str, images: str | None):
+    if mode == "config":
+        print(config)
+        return
     quiet_libraries()
     log_devices()
     get_spec(config.model.name)  # an unknown model name fails here, before any work
@@ -51,7 +54,8 @@ def _run(config, workdir: str, mode: str, images: str | None):
         from fracture_jax.data.inspect import inspect_dataset
         inspect_dataset(config, workdir)
     else:
-        raise UserError(f"--mode={mode} is unknown; use train, eval, predict, export or inspect")
+        raise UserError(f"--mode={mode} is unknown; use train, eval, predict, export, inspect "
+                        "or config")
 
 
 class _QuietLibraries:

@@ -42,6 +42,15 @@ class Member:
     model: object
     variables: dict
 
+    def history(self) -> list:
+        """Every epoch the run trained, the ones after its best included (``history.json``);
+        the best checkpoint's own record stops at the best epoch."""
+        path = os.path.join(self.workdir, "history.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)
+        return self.meta.get("history", [])
+
     @property
     def name(self) -> str:
         return f"{self.config.model.name} ({os.path.basename(os.path.normpath(self.workdir))})"
@@ -130,8 +139,9 @@ def figures(out_dir: str, member: Member, source, probs, labels, split: str, res
     op = result[split]["operating"]
     size = member.config.model.image_size
     made = {}
-    if member.meta.get("history"):
-        made["Training history"] = plots.history_plot(member.meta["history"],
+    history = member.history()
+    if history:
+        made["Training history"] = plots.history_plot(history,
                                                       os.path.join(out_dir, "history.png"))
     made[f"Confusion matrix ({split}, threshold {threshold:.3f})"] = plots.confusion_plot(
         op["confusion_matrix"], os.path.join(out_dir, "confusion.png"),

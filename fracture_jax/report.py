@@ -53,12 +53,17 @@ def _table(header, rows) -> str:
 
 def _with_ci(scored: dict, key: str) -> str:
     v, (lo, hi) = scored["metrics"][key], scored["ci95"][key]
-    return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+    if v != v:  # NaN: the metric has no value here
+        return "n/a (undefined: one class only, or no positive prediction)"
+    interval = f"[{lo:.3f}, {hi:.3f}]" if lo == lo else "[n/a: undefined in every resample]"
+    return f"{v:.3f} {interval}"
 
 
 def metrics_table(result: dict) -> str:
     columns = [(s, t) for s in ("val", "test") if s in result for t in ("operating", "at_0.5")]
-    header = ["metric"] + [f"{s} @ {result[s][t]['threshold']:.3f}" for s, t in columns]
+    names = {"operating": "operating", "at_0.5": "fixed"}
+    header = ["metric"] + [f"{s}, {names[t]} threshold {result[s][t]['threshold']:.3f}"
+                           for s, t in columns]
     rows = [[LABELS[k]] + [_with_ci(result[s][t], k) for s, t in columns] for k in METRICS]
     rows.append(["images (fractured)"] + [f"{result[s][t]['n']} ({result[s][t]['positives']})"
                                          for s, t in columns])

@@ -344,7 +344,8 @@ class _Feed:
 
 
 class _Progress:
-    """One log line every ``every`` steps: loss, learning rate, images/s and the epoch's ETA."""
+    """One log line every ``every`` steps: loss, learning rate, images/s, and the time left in
+    the epoch and (at most, early stopping aside; val passes not counted) in the run."""
 
     def __init__(self, epoch, epochs, steps, batch, every):
         self.epoch, self.epochs, self.steps, self.batch, self.every = epoch, epochs, steps, batch, every
@@ -357,10 +358,19 @@ class _Progress:
     def log(self, i, loss, lr):
         now = time.perf_counter()
         rate = (i + 1 - self.last_step) * self.batch / max(now - self.last, 1e-9)
-        eta = (self.steps - i - 1) * self.batch / max(rate, 1e-9)
-        logging.info("epoch %d/%d step %d/%d loss %.4f lr %.2e %.1f img/s ETA %ds",
-                     self.epoch + 1, self.epochs, i + 1, self.steps, loss, lr, rate, eta)
+        left = self.steps - i - 1
+        run_left = left + (self.epochs - self.epoch - 1) * self.steps
+        per_step = self.batch / max(rate, 1e-9)
+        logging.info("epoch %d/%d step %d/%d loss %.4f lr %.2e %.1f img/s ETA epoch %s, run %s",
+                     self.epoch + 1, self.epochs, i + 1, self.steps, loss, lr, rate,
+                     _duration(left * per_step), _duration(run_left * per_step))
         self.last, self.last_step = now, i + 1
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return (f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600
+            else f"{seconds // 60}m{seconds % 60:02d}s")
 
 
 def _write_json(workdir: str, name: str, obj):
@@ -567,6 +577,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     Ends with the best state (by ``train.early_stop_metric``) restored and returned, the
     history in ``workdir/history.json`` and final metrics in ``workdir/final_metrics.json``.
     """
+    started = time.perf_counter()
     run = _Trainer(config, workdir)
     loop, state, outputs, program, batches = run.start()
     try:
@@ -587,7 +598,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         state = run.finish(loop, state, program)
     finally:
         run.close(batches)
-    print(f"training done: history {os.path.join(workdir, 'history.json')}, metrics "
+    print(f"training done in {_duration(time.perf_counter() - started)} (this session): "
+          f"history {os.path.join(workdir, 'history.json')}, metrics "
           f"{os.path.join(workdir, 'final_metrics.json')}, checkpoints "
           f"{os.path.join(workdir, 'checkpoints')}, TensorBoard "
           f"{os.path.join(workdir, 'tensorboard')}")

@@ -36,11 +36,22 @@ def test_data_root_that_does_not_exist(tmp_path):
     (["--config.model.name=resnet18"], "unknown model 'resnet18'"),
     (["--config.optimizer.lrr=1e-3"], 'Did you mean "lr"'),
     (["--config.optimizer.lr=fast"], "could not convert"),
-    (["--mode=serve"], "one of <train|eval|predict|export|inspect>"),
+    (["--mode=serve"], "one of <train|eval|predict|export|inspect|config>"),
 ])
 def test_bad_settings_give_one_line(args, expected, tmp_path):
     line = _error_line(_main("--config=configs/effnet.py", f"--workdir={tmp_path}", *args))
     assert expected in line
+
+
+def test_config_mode_prints_the_resolved_config_and_help_names_the_configs(tmp_path):
+    result = _main("--config=configs/effnet.py", "--config.optimizer.lr=3e-4", "--mode=config",
+                   f"--workdir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "lr: 0.0003" in result.stdout and "name: efficientnetb2" in result.stdout
+    assert not list(tmp_path.iterdir())  # nothing run, nothing written
+    helped = _main("--help").stdout
+    assert "configs/{default.py,demo.py,effnet.py,resnet50.py,vgg16.py}" in helped
+    assert "configs/default.py" in helped and "--mode=config" in helped
 
 
 def test_a_bug_inside_a_config_file_keeps_its_traceback(tmp_path):

@@ -6,17 +6,26 @@ import sys
 
 import pytest
 
-from fracture_jax.kernels import host_memory
+from fracture_jax.kernels import host_memory, policy
 
 SHOW = ("from fracture_jax.kernels.host_memory import restart_with_tunables as r; r(); "
         "import os; print(os.environ.get('GLIBC_TUNABLES', ''))")
 ARENAS = "glibc.malloc.arena_max=2"
 
 
+@pytest.fixture(autouse=True)
+def keep_mapped(monkeypatch):
+    """Buffers kept mapped whatever this machine's free memory (tested on its own below)."""
+    monkeypatch.setenv(host_memory.KEEP_MAPPED_OPT_OUT, "1")
+    policy.switches.cache_clear()
+    yield
+    monkeypatch.undo()
+    policy.switches.cache_clear()
+
+
 def run(env_extra):
     env = {k: v for k, v in os.environ.items()
-           if k not in ("GLIBC_TUNABLES", host_memory.OPT_OUT, host_memory.KEEP_MAPPED_OPT_OUT,
-                        "FRACTURE_JAX_RESTARTED")}
+           if k not in ("GLIBC_TUNABLES", host_memory.OPT_OUT, "FRACTURE_JAX_RESTARTED")}
     env.update(env_extra)
     return subprocess.run([sys.executable, "-c", SHOW], env=env, capture_output=True, text=True,
                           check=True, cwd=os.path.dirname(os.path.dirname(__file__))).stdout.strip()
@@ -63,3 +72,26 @@ def test_memory_stays_mapped_between_large_allocations():
     kept, fresh = faults(":".join(host_memory.KEEP_MAPPED)), faults("")
     assert fresh >= 100  # 65,536 pages of 4 KiB, or 128 huge ones where THP is always on
     assert kept < fresh / 10, (kept, fresh)
+
+
+@pytest.mark.parametrize("setting, gib, kept", [("auto", 64.0, True), ("auto", 11.0, False),
+                                               ("auto", None, False), ("1", 11.0, True),
+                                               ("0", 64.0, False)])
+def test_buffers_stay_mapped_only_where_memory_allows(monkeypatch, setting, gib, kept):
+    """A 12 GB machine gets the huge pages only (the kept buffers of the default EfficientNetB2
+    fine-tune alone hold 12.6 GiB); the setting, when given, decides."""
+    monkeypatch.setenv(host_memory.KEEP_MAPPED_OPT_OUT, setting)
+    policy.switches.cache_clear()
+    monkeypatch.setattr(host_memory, "available_gib", lambda: gib)
+    keep, why = host_memory.keep_mapped()
+    assert keep is kept and ("GiB" in why or "unknown" in why or "KEEP_MAPPED" in why)
+    assert ("glibc.malloc.mmap_max=0" in host_memory.ours()) is kept
+
+
+def test_no_restart_on_an_accelerator_host(monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    assert host_memory.accelerator_host()
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert not host_memory.accelerator_host()
+    if host_memory._glibc_linux():
+        assert run({"JAX_PLATFORMS": "tpu,cpu"}) == ""  # not restarted, allocator unchanged

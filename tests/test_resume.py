@@ -176,15 +176,33 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(phantom_root, tmp_path)
                             "train.checkpoint_every": 1})
     with pytest.raises(UserError, match=r"(loss is (nan|inf)|the update is not finite)"):
         train_and_evaluate(config, str(tmp_path))
-    latest = tmp_path / "checkpoints" / "latest"
-    steps = list(latest.iterdir())
-    assert steps, "no checkpoint was written before the loss became non-finite"
-    for step in steps:
-        manager = ocp.CheckpointManager(latest)
-        state = manager.restore(int(step.name), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore())).state
-        manager.close()
+    states = _latest_states(tmp_path)
+    assert states, "no checkpoint was written before the loss became non-finite"
+    for state in states.values():
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+
+
+def _latest_states(workdir) -> dict:
+    """{step: train state} of the run's latest checkpoints."""
+    latest = workdir / "checkpoints" / "latest"
+    manager = ocp.CheckpointManager(latest)
+    try:
+        return {int(p.name): manager.restore(int(p.name), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore())).state for p in latest.iterdir()}
+    finally:
+        manager.close()
+
+
+def _schedule(monkeypatch, change):
+    """Every run's learning rate replaced by ``change(update count, planned rate)``."""
+    from fracture_jax import train
+    real = train.learning_rate_fn
+
+    def changed(config, steps_per_epoch, scale=1.0):
+        schedule = real(config, steps_per_epoch, scale)
+        return lambda count: change(count, schedule(count))
+
+    monkeypatch.setattr(train, "learning_rate_fn", changed)
 
 
 def test_a_non_finite_step_is_skipped_and_stops_the_run_at_the_next_read(phantom_root, tmp_path,
@@ -192,26 +210,17 @@ def test_a_non_finite_step_is_skipped_and_stops_the_run_at_the_next_read(phantom
     """Step 5's learning rate is NaN: its update is not applied, the loop finds out when it
     next reads from the device (step 6, a log step) and stops with the step named; the last
     checkpoint (epoch 1, step 3) is kept and holds no NaN."""
-    from fracture_jax import train
-    real = train.learning_rate_fn
-
-    def poisoned(config, steps_per_epoch, scale=1.0):
-        schedule = real(config, steps_per_epoch, scale)
-        return lambda count: jnp.where(count == 4, jnp.nan, schedule(count))  # the 5th update
-
-    monkeypatch.setattr(train, "learning_rate_fn", poisoned)
+    _schedule(monkeypatch, lambda count, lr: jnp.where(count == 4, jnp.nan, lr))  # 5th update
     config = tiny_config(**{"data.root": str(phantom_root), "data.num_workers": 0,
                             "train.epochs": 2, "train.log_every": 3,
                             "train.checkpoint_every": 0})
     with pytest.raises(UserError, match=r"the update is not finite .* at step 5 \(epoch 2\)"):
         train_and_evaluate(config, str(tmp_path))
-    latest = tmp_path / "checkpoints" / "latest"
-    assert [p.name for p in latest.iterdir()] == ["3"]
+    states = _latest_states(tmp_path)
+    assert list(states) == [3]
     history = json.loads((tmp_path / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1]
-    manager = ocp.CheckpointManager(latest)
-    state = manager.restore(3, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
-    manager.close()
+    state = states[3]
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
     assert int(state["bad_step"]) == 0
 
@@ -219,14 +228,7 @@ def test_a_non_finite_step_is_skipped_and_stops_the_run_at_the_next_read(phantom
 def test_a_diverging_loss_stops_the_run(phantom_root, tmp_path, monkeypatch):
     """From the 4th update the learning rate is 1e3: the loss grows huge but stays finite, and
     the run stops after three reads of it over 100x the first step's loss."""
-    from fracture_jax import train
-    real = train.learning_rate_fn
-
-    def exploding(config, steps_per_epoch, scale=1.0):
-        schedule = real(config, steps_per_epoch, scale)
-        return lambda count: jnp.where(count >= 3, 1e3, schedule(count))
-
-    monkeypatch.setattr(train, "learning_rate_fn", exploding)
+    _schedule(monkeypatch, lambda count, lr: jnp.where(count >= 3, 1e3, lr))
     config = tiny_config(**{"data.root": str(phantom_root), "data.num_workers": 0,
                             "train.epochs": 3, "train.log_every": 1})
     with pytest.raises(UserError, match=r"the loss diverged: .* over 100x the first step's"):

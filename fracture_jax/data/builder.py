@@ -5,6 +5,8 @@ scan report, and is a no-op when the folder has not changed since. ``tfds.data_s
 reads it back with random access and no TensorFlow.
 """
 
+import contextlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -70,9 +72,11 @@ def prepare(root: str, data_dir: str) -> ScanReport:
         if out.exists():
             logging.info("%s changed since it was prepared: rebuilding %s", root, out)
             shutil.rmtree(out)
+        logging.info("preparing %s into %s", root, out)
         builder = BoneFractures(data_dir=str(data_dir), file_format="array_record")
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=str(Path(root).expanduser())))
+        with contextlib.redirect_stdout(io.StringIO()):  # TFDS' "Downloading ... Unknown size"
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+                manual_dir=str(Path(root).expanduser())))
         (out / _FINGERPRINT).write_text(stamp)
     report = ScanReport(**{k: v for k, v in json.loads((out / REPORT).read_text()).items()
                            if k != "counts"})

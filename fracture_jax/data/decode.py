@@ -69,6 +69,9 @@ def decode(data: bytes, name: str = "<bytes>", draft_size: int | None = None) ->
     """
     if not data:
         raise DecodeError(f"{name}: empty file (0 bytes)")
+    if name.lower().endswith(".dcm") and not is_dicom(data):
+        raise DecodeError(f"{name}: named .dcm but not a DICOM file (no 'DICM' marker at byte "
+                          "128): export it again from the PACS, or remove it")
     try:
         if is_dicom(data):
             return _decode_dicom(data)
@@ -77,7 +80,8 @@ def decode(data: bytes, name: str = "<bytes>", draft_size: int | None = None) ->
             img.draft(img.mode, (draft_size, draft_size))
         img.load()
     except Exception as e:  # PIL and pydicom raise many types for bad data
-        raise DecodeError(f"{name}: cannot decode ({type(e).__name__}: {e})") from None
+        reason = str(e).split(" <_io.BytesIO")[0]  # PIL names its buffer object: noise
+        raise DecodeError(f"{name}: cannot decode ({type(e).__name__}: {reason})") from None
     return _normalise_mode(img)
 
 

@@ -9,8 +9,9 @@ the step itself: an EfficientNetB2 train step at 260 px, batch 32, spent 10 s in
 (``arena_max=1``), no ``mmap`` per block (``mmap_max=0``) and no trimming, a ResNet50 train
 step faulted 86 times instead of 1,970 and spent 0.03 s in the kernel instead of 1.9-2.5 s.
 The cost is memory: the process keeps its peak heap until it exits, and one heap holds up to two
-steps' temporaries (measured in ``benchmarks/README.md``). ``FRACTURE_JAX_KEEP_MAPPED=0``
-keeps only the huge pages. glibc reads tunables only when a process starts, so the entry points
+steps' temporaries (measured in ``benchmarks/README.md``), so the buffers stay mapped only
+where ``KEEP_MAPPED_MIN_GIB`` is available (``keep_mapped``); ``FRACTURE_JAX_KEEP_MAPPED=1``
+or ``0`` decides instead. glibc reads tunables only when a process starts, so the entry points
 restart themselves once with them set.
 
 All of it is for XLA's CPU programs: on a host with a GPU or TPU plugin for JAX (unless
@@ -33,6 +34,7 @@ ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plu
                        "jax_rocm7_plugin", "libtpu")
 _THP = "/sys/kernel/mm/transparent_hugepage/enabled"
 _RESTARTED = "FRACTURE_JAX_RESTARTED"  # never restart twice, whatever the loader did
+_DECISION = "FRACTURE_JAX_BUFFERS"  # what the restart chose, and why (for the log)
 
 
 def _glibc_linux() -> bool:
@@ -56,10 +58,37 @@ def accelerator_host() -> bool:
     return any(importlib.util.find_spec(name) for name in ACCELERATOR_PLUGINS)
 
 
+# Keeping the buffers mapped holds up to two steps' temporaries: the default EfficientNetB2
+# fine-tune (batch 32, 260 px) stays at 12.6 GiB resident, against a 7.6 GiB peak without
+# (benchmarks/README.md). Below this much available memory only the huge pages are used.
+KEEP_MAPPED_MIN_GIB = 20.0
+
+
+def available_gib() -> float | None:
+    """``MemAvailable`` of /proc/meminfo in GiB (None where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return kib / 2**20
+
+
+def keep_mapped() -> tuple[bool, str]:
+    """Whether to keep XLA's buffers mapped, and why (for the log)."""
+    setting = policy.switches().keep_mapped
+    if setting in ("0", "1"):
+        return setting == "1", f"FRACTURE_JAX_KEEP_MAPPED={setting}"
+    gib = available_gib()
+    if gib is None or gib < KEEP_MAPPED_MIN_GIB:
+        return False, (f"{'unknown' if gib is None else f'{gib:.1f} GiB'} available, under "
+                       f"{KEEP_MAPPED_MIN_GIB:g} GiB: huge pages only")
+    return True, f"{gib:.1f} GiB available"
+
+
 def ours() -> tuple:
     """The tunables this process should run with."""
-    keep = policy.switches().keep_mapped
-    return (HUGE_PAGES,) * _huge_pages_possible() + KEEP_MAPPED * keep
+    return (HUGE_PAGES,) * _huge_pages_possible() + KEEP_MAPPED * keep_mapped()[0]
 
 
 def _name(tunable: str) -> str:
@@ -86,11 +115,18 @@ def restart_with_tunables():
     if (not policy.switches().host_memory or os.environ.get(_RESTARTED) or not _glibc_linux()
             or accelerator_host()):
         return
+    keep, why = keep_mapped()
     wanted = with_tunables(tunables, ours())
     if wanted == with_tunables(tunables, ()):
         return
-    env = dict(os.environ, GLIBC_TUNABLES=wanted, **{_RESTARTED: "1"})
+    env = dict(os.environ, GLIBC_TUNABLES=wanted, **{_RESTARTED: "1"},
+               **{_DECISION: f"{'kept' if keep else 'not kept'} mapped: {why}"})
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def decision() -> str:
+    """Whether the restart kept XLA's buffers mapped, and why ("" without a restart)."""
+    return os.environ.get(_DECISION, "")
 
 
 def active() -> str:

@@ -13,7 +13,8 @@ The environment is read once per process (``switches``); a test that changes it 
 ``CC``, ``CXX``                the compilers of the native kernels (``cc``, ``c++``)
 ``XDG_CACHE_HOME``             where compiled kernels are cached (``~/.cache``)
 ``FRACTURE_JAX_HUGE_PAGES=0``  no malloc tunables and no restart (``host_memory``)
-``FRACTURE_JAX_KEEP_MAPPED=0`` huge pages only, XLA's buffers unmapped after each step
+``FRACTURE_JAX_KEEP_MAPPED``   1: keep XLA's buffers mapped between steps; 0: huge pages
+                               only; unset: keep them where memory allows (``host_memory``)
 =============================  ===========================================================
 """
 
@@ -38,7 +39,7 @@ class Switches:
     cxx_compiler: str
     cache_dir: Path
     host_memory: bool
-    keep_mapped: bool
+    keep_mapped: str  # "1", "0" or "auto"
 
 
 @functools.cache
@@ -50,7 +51,7 @@ def switches() -> Switches:
                     native=env.get("FRACTURE_JAX_NATIVE", "1") != "0",
                     c_compiler=env.get("CC", "cc"), cxx_compiler=env.get("CXX", "c++"),
                     cache_dir=cache, host_memory=env.get("FRACTURE_JAX_HUGE_PAGES") != "0",
-                    keep_mapped=env.get("FRACTURE_JAX_KEEP_MAPPED") != "0")
+                    keep_mapped=env.get("FRACTURE_JAX_KEEP_MAPPED", "auto"))
 
 
 @contextlib.contextmanager
@@ -91,4 +92,5 @@ def describe() -> dict:
             else "XLA, with matmul kernel gradients and shifted-sum depthwise convolutions",
             "winograd": ("F(2x2,3x3), C input transform" if winograd.native_transform()
                          else "F(2x2,3x3), XLA input transform") if onednn.available() else "off",
-            "malloc_tunables": host_memory.active() or "none"}
+            "malloc_tunables": host_memory.active() or "none",
+            "xla_buffers": host_memory.decision() or "as the process started"}
