@@ -31,7 +31,6 @@ if __name__ == "__main__":
 
 import jax  # noqa: E402
 import jax.extend  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402

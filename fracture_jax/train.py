@@ -488,7 +488,8 @@ class _Trainer:
         self.check(state)
         feed.rewind()
         step = int(state.step)
-        self.ckpt.save_latest(step, state, outputs.arrays(), batches, self.meta(loop))
+        if self.ckpt.latest.latest_step() != step:  # (a checkpoint step saved itself)
+            self.ckpt.save_latest(step, state, outputs.arrays(), batches, self.meta(loop))
         signum = interrupt.requested()
         raise interrupt.Interrupted(
             signum, f"stopped by {signal.Signals(signum).name} at step {step} (epoch "

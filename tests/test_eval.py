@@ -23,7 +23,7 @@ from fracture_jax.errors import UserError
 from fracture_jax.evaluate import failure_flags, score
 from fracture_jax.gradcam import grad_cam
 from fracture_jax.inference import make_forward, predict
-from fracture_jax.models import FractureClassifier, backbone_layers
+from fracture_jax.models import FractureClassifier
 from fracture_jax.models.builder import initial_variables
 from fracture_jax.train import Phase, TrainState, compile_phase
 from test_train import NO_AUGMENTATION, tiny_config
@@ -218,7 +218,7 @@ def test_predict_writes_a_row_per_file_and_reports_bad_ones(trained_runs, phanto
 
 
 def test_eval_without_a_trained_run_says_what_to_do(phantom_root, tmp_path):
-        config = tiny_config(**{"data.root": str(phantom_root)})
+    config = tiny_config(**{"data.root": str(phantom_root)})
     with pytest.raises(UserError, match="train first with --mode=train"):
         cli.run(config, str(tmp_path / "empty"), "eval")
 
