@@ -599,7 +599,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         state = run.finish(loop, state, program)
     finally:
         run.close(batches)
-    print(f"training done in {_duration(time.perf_counter() - started)} (this session): "
+    print(f"training done in {_duration(time.perf_counter() - started)} (since this start): "
           f"history {os.path.join(workdir, 'history.json')}, metrics "
           f"{os.path.join(workdir, 'final_metrics.json')}, checkpoints "
           f"{os.path.join(workdir, 'checkpoints')}, TensorBoard "
