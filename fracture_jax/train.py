@@ -470,11 +470,12 @@ class _Trainer:
                 loop.first_loss = float(loss)
             if progress.due(i):
                 self.check(state)
-                self.watch(loop, float(loss), step)
+                value = float(loss)
+                self.watch(loop, value, step)
                 lr = float(program.lr(step - 1))  # the rate this step used
-                progress.log(i, float(loss), lr)
+                progress.log(i, value, lr)
                 if self.writer:
-                    self.writer.add_scalar("train/loss_step", float(loss), step)
+                    self.writer.add_scalar("train/loss_step", value, step)
                     self.writer.add_scalar("train/lr", lr, step)
             if saves_in == 0 and i + 1 < self.steps:
                 self.check(state)
@@ -538,10 +539,10 @@ class _Trainer:
         value = metrics[self.metric]
         improved = loop.end_epoch(metrics, value, self.minimise)
         _write_json(self.workdir, "history.json", loop.history)
-        self.ckpt.save_latest(step, state, outputs.arrays(), batches, self.meta(loop))
+        arrays, meta = outputs.arrays(), self.meta(loop)
+        self.ckpt.save_latest(step, state, arrays, batches, meta)
         if improved:
-            self.ckpt.save_best(step, state, outputs.arrays(), batches, self.meta(loop),
-                                {self.metric: value})
+            self.ckpt.save_best(step, state, arrays, batches, meta, {self.metric: value})
 
     def predict(self, program, state, source):
         c = self.config

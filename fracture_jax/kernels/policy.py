@@ -82,8 +82,10 @@ def onednn_runs(*arrays) -> bool:
     return (fast_cpu() and all(a.dtype == jnp.float32 for a in arrays) and onednn.available())
 
 
+@functools.cache
 def describe() -> dict:
-    """The kernels this process runs, by name: what a result was computed with."""
+    """The kernels this process runs, by name: what a result was computed with (found once;
+    logged at start and written into every checkpoint's metadata)."""
     from fracture_jax.kernels import host_memory, onednn, winograd
     if platform() != "cpu":
         return {"platform": platform(), "convolutions": "XLA"}
