@@ -26,6 +26,15 @@ flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export", "inspe
                   "predict (--images), export (.keras, .h5, .onnx), inspect (the data folder), "
                   "config (print the resolved config and exit).")
 flags.DEFINE_string("images", None, "predict: an image file, a folder or a glob.")
+flags.DEFINE_enum("distributed", "off", ["off", "auto"],
+                  "auto: join a multi-process run that JAX detects (TPU slice, SLURM, Open MPI, "
+                  "GKE); off: one process unless --coordinator is given.")
+flags.DEFINE_string("coordinator", None, "A multi-process run: process 0's HOST:PORT, the same on "
+                    "every process (default: $JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("num_processes", None, "A multi-process run: how many processes "
+                     "(default: $JAX_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", None, "A multi-process run: this process's index, 0 to "
+                     "num_processes-1 (default: $JAX_PROCESS_ID).")
 
 
 def _inside_get_config(error: BaseException) -> bool:
@@ -56,21 +65,32 @@ def parse_flags(argv):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from fracture_jax import cli
+    from fracture_jax import cli, distributed
     from fracture_jax.errors import UserError
     from fracture_jax.interrupt import Interrupted
 
     try:
+        distributed.join(FLAGS.distributed, FLAGS.coordinator, FLAGS.num_processes,
+                         FLAGS.process_id)
         cli.run(FLAGS.config, FLAGS.workdir, FLAGS.mode, images=FLAGS.images)
     except UserError as e:
         logging.flush()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as e:  # the checkpoint is written: leave without waiting on anything
-        logging.flush()
-        print(f"interrupted: {e}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(e.code)
+        _leave(f"interrupted: {e}", e.code)
+    except Exception as e:  # noqa: BLE001 (a peer's death surfaces as any runtime error)
+        if not distributed.peer_failure(e):
+            raise
+        _leave(f"error: {distributed.peer_failure(e)}", 1)
+
+
+def _leave(message: str, code: int):
+    """Print ``message`` and exit at once, waiting on no thread, peer or loader."""
+    logging.flush()
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":  # grain's worker processes start by importing this module

@@ -10,7 +10,7 @@ this one's, and the summary gives this tree's images/s over the baseline's.
 
     python benchmarks/train_speed.py [--models efficientnetb2,resnet50,vgg16] [--modes full,frozen,infer]
         [--peers torch,keras --peers-dir ../shared/bench/peers --peers-env ~/.cache/fracture_peers]
-        [--baseline /tmp/fracture_jax_old]
+        [--baseline /tmp/fracture_jax_old [--baseline-python /tmp/old_venv/bin/python]]
 """
 
 import argparse
@@ -155,10 +155,12 @@ def run_peer(peer: str, models: list[str], modes: list[str], a) -> list[dict]:
     return records
 
 
-def run_tree(tree: str, label: str, models: list[str], modes: list[str], a) -> list[dict]:
-    """A checkout's own train_speed.py on the same models and modes, in a process of its own
-    (its imports; and its memory freed after, for the next); its records labelled ``label``."""
-    cmd = [sys.executable, "benchmarks/train_speed.py", "--models", ",".join(models),
+def run_tree(tree: str, label: str, models: list[str], modes: list[str], a,
+             python: str = sys.executable) -> list[dict]:
+    """A checkout's own train_speed.py, run by ``python``, on the same models and modes, in a
+    process of its own (its imports; and its memory freed after, for the next); its records
+    labelled ``label``."""
+    cmd = [python, "benchmarks/train_speed.py", "--models", ",".join(models),
            "--modes", ",".join(modes), "--size", str(a.size), "--batch", str(a.batch),
            "--vgg-train-batch", str(a.vgg_train_batch), "--steps", str(a.steps),
            "--dtype", a.dtype]
@@ -212,6 +214,9 @@ def main():
     p.add_argument("--peers-env", default=os.environ.get("PEERS", "~/.cache/fracture_peers"))
     p.add_argument("--baseline", default="",
                    help="another fracture_jax checkout, timed right after this one per model")
+    p.add_argument("--baseline-python", default="",
+                   help="the baseline's interpreter (e.g. another virtual environment's, to "
+                        "time a dependency upgrade); default: this one")
     a = p.parse_args()
     models, modes = a.models.split(","), a.modes.split(",")
     ours, peers = [], []
@@ -220,7 +225,8 @@ def main():
         for name in models:  # each model's frameworks back to back: the machine drifts
             if a.baseline:  # both trees in processes of their own: one holds its heap till exit
                 ours += run_tree(root, "fracture_jax", [name], modes, a)
-                peers += run_tree(a.baseline, "baseline", [name], modes, a)
+                peers += run_tree(a.baseline, "baseline", [name], modes, a,
+                                  a.baseline_python or sys.executable)
             else:
                 for mode in modes:
                     batch = a.vgg_train_batch if name == "vgg16" and mode != "infer" else a.batch

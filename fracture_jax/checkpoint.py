@@ -7,12 +7,37 @@ Orbax writes into a temporary directory and renames it when complete, so a proce
 mid-save leaves nothing that a restart would mistake for a checkpoint.
 """
 
+import math
 import os
 
 import grain
+import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
 
 from fracture_jax.errors import UserError
+
+
+def ranking(metric: str, mode: str):
+    """The key that orders checkpoints from worst to best by ``metric`` ("max" or "min" is
+    better); a NaN or missing value ranks below every number, so it never becomes the best."""
+    def key(metrics: dict) -> float:
+        value = float(metrics.get(metric, math.nan))
+        if math.isnan(value):
+            return -math.inf
+        return value if mode == "max" else -value
+    return key
+
+
+def _handlers() -> dict:
+    return {"state": ocp.PyTreeCheckpointHandler(), "outputs": ocp.PyTreeCheckpointHandler(),
+            "data": grain.checkpoint.CheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+
+
+def _restore(target, partial: bool = False) -> ocp.args.PyTreeRestore:
+    """Restore into ``target``'s shapes, dtypes and shardings (only its keys when ``partial``)."""
+    return ocp.args.PyTreeRestore(target, ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=partial)
 
 
 class RunCheckpoints:
@@ -20,23 +45,25 @@ class RunCheckpoints:
 
     def __init__(self, workdir: str, metric: str, mode: str = "max"):
         root = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        items = ("state", "outputs", "data", "meta")
         self.metric = metric
+        policies = checkpoint_managers.preservation_policy
         self.latest = ocp.CheckpointManager(
-            os.path.join(root, "latest"), item_names=items,
-            options=ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False,
-                                                 cleanup_tmp_directories=True))
-        self.best = ocp.CheckpointManager(
-            os.path.join(root, "best"), item_names=items,
+            os.path.join(root, "latest"), item_handlers=_handlers(),
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=1, best_fn=lambda m: m[metric], best_mode=mode,
-                keep_checkpoints_without_metrics=False, enable_async_checkpointing=False,
+                preservation_policy=policies.LatestN(n=1), enable_async_checkpointing=False,
                 cleanup_tmp_directories=True))
+        self.best = ocp.CheckpointManager(
+            os.path.join(root, "best"), item_handlers=_handlers(),
+            options=ocp.CheckpointManagerOptions(
+                preservation_policy=policies.BestN(
+                    get_metric_fn=ranking(metric, mode), n=1,
+                    keep_checkpoints_without_metrics=False),
+                enable_async_checkpointing=False, cleanup_tmp_directories=True))
 
     @staticmethod
     def _args(state, outputs, data_iter, meta):
-        return ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  outputs=ocp.args.StandardSave(outputs),
+        return ocp.args.Composite(state=ocp.args.PyTreeSave(state),
+                                  outputs=ocp.args.PyTreeSave(outputs),
                                   data=grain.checkpoint.CheckpointSave(data_iter),
                                   meta=ocp.args.JsonSave(meta))
 
@@ -56,23 +83,27 @@ class RunCheckpoints:
         if step is None:
             return None
         restored = self.latest.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target_state),
-            outputs=ocp.args.StandardRestore(target_outputs),
+            state=_restore(target_state), outputs=_restore(target_outputs),
             data=grain.checkpoint.CheckpointRestore(data_iter), meta=ocp.args.JsonRestore()))
         return restored.state, restored.outputs, restored.meta
 
     def restore_best_weights(self, with_meta: bool = False):
-        """``{'step', 'params', 'batch_stats'}`` of the best checkpoint (host arrays), or None;
-        with ``with_meta`` a pair (weights, meta). Restored without a target: the best may
-        come from another phase of the run."""
+        """``{'step', 'params', 'batch_stats'}`` of the best checkpoint, on this process's first
+        device, or None; with ``with_meta`` a pair (weights, meta). Restored from the saved
+        shapes alone: the best may come from another phase of the run, and the devices that
+        saved it (how many, which processes) need not be these."""
         step = self.best.latest_step()
         if step is None:
             return None
-        items = {"state": ocp.args.StandardRestore()} | (
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        saved = self.best.item_metadata(step)["state"]
+        kept = ("step", "params", "batch_stats")
+        target = {k: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                                  saved[k]) for k in kept}
+        items = {"state": _restore(target, partial=True)} | (
             {"meta": ocp.args.JsonRestore()} if with_meta else {})
         raw = self.best.restore(step, args=ocp.args.Composite(**items))
-        weights = {k: raw.state[k] for k in ("step", "params", "batch_stats")}
-        return (weights, raw.meta) if with_meta else weights
+        return (raw.state, raw.meta) if with_meta else raw.state
 
     def latest_meta(self) -> dict | None:
         """The JSON metadata of the newest checkpoint, without restoring its arrays."""

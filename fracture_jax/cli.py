@@ -9,10 +9,11 @@ from fracture_jax.models import get_spec
 
 
 def log_devices():
-    logging.info("JAX %s, backend %s, process %d of %d, %d local / %d global devices: %s",
+    local = jax.local_devices()
+    logging.info("JAX %s, backend %s, process %d of %d: %d local devices (%s, ids %s) of %d",
                  jax.__version__, jax.default_backend(), jax.process_index(), jax.process_count(),
-                 jax.local_device_count(), jax.device_count(),
-                 ", ".join(sorted({d.device_kind for d in jax.devices()})))
+                 len(local), ", ".join(sorted({d.device_kind for d in local})),
+                 ",".join(str(d.id) for d in local), jax.device_count())
     logging.info("kernels: %s", ", ".join(f"{k} {v}" for k, v in kernels.describe().items()))
 
 

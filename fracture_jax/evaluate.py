@@ -12,6 +12,7 @@ import json
 import os
 import time
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -202,6 +203,24 @@ def evaluate(config, workdir: str) -> dict:
                  for s in sources}
         results[primary] = score(probs, config)
 
+    metrics = {"primary": primary, "members": [m.name for m in members],
+               "flip_tta": config.eval.flip_tta,
+               "bootstrap": {"resamples": config.eval.bootstrap, "seed": config.seed,
+                             "level": 0.95},
+               "speed": speed, "results": results, "fracture_jax": fracture_jax.__version__,
+               "warnings": failure_flags(probs, results[primary])}
+    for line in metrics["warnings"]:
+        logging.warning("%s\nWARNING: %s\n%s", "!" * 70, line, "!" * 70)
+    _log_summary(metrics)
+    if jax.process_index() == 0:  # every process scored; the first one writes
+        _publish(workdir, members, member_probs, probs, metrics, sources, report, config)
+    return metrics
+
+
+def _publish(workdir: str, members: list, member_probs: list, probs: dict, metrics: dict,
+             sources: dict, report, config):
+    """The predictions, figures, metrics, threshold and report of an evaluation, on disk."""
+    out_dir, primary, results = os.path.join(workdir, "eval"), metrics["primary"], metrics["results"]
     for split, source in sources.items():
         columns = {m.name: p[split][0] for m, p in zip(members, member_probs)}
         if len(members) > 1:
@@ -211,22 +230,12 @@ def evaluate(config, workdir: str) -> dict:
     split = "test" if "test" in probs else "val"
     made = figures(out_dir, members[0], sources[split], probs[split][0], probs[split][1], split,
                    results[primary], config)
-    metrics = {"primary": primary, "members": [m.name for m in members],
-               "flip_tta": config.eval.flip_tta,
-               "bootstrap": {"resamples": config.eval.bootstrap, "seed": config.seed,
-                             "level": 0.95},
-               "speed": speed, "results": results, "fracture_jax": fracture_jax.__version__,
-               "warnings": failure_flags(probs, results[primary])}
-    for line in metrics["warnings"]:
-        logging.warning("%s\nWARNING: %s\n%s", "!" * 70, line, "!" * 70)
     write_json(os.path.join(out_dir, "metrics.json"), metrics)
     write_json(threshold_path(workdir), results[members[0].name]["threshold"]
                | {"model": members[0].name})
     page = write_report(os.path.join(out_dir, "report.html"), metrics, made, report,
                         members[0].config.to_dict())
-    _log_summary(metrics)
     print(f"evaluation done: report {page}, metrics {os.path.join(out_dir, 'metrics.json')}")
-    return metrics
 
 
 CHANCE = "contains 0.5 (chance level)"

@@ -57,12 +57,15 @@ def predict(forward, variables, source, batch_size: int, mesh, num_workers: int 
 
 
 def predict_batches(forward, variables, batches, mesh) -> tuple[np.ndarray, np.ndarray]:
-    """(outputs, labels) of ``forward`` over ``{"image", "label", "mask"}`` batches whose size
-    splits over the mesh, the masked-out padding dropped."""
-    outputs, labels = [], []
+    """(outputs, labels) of ``forward`` over ``{"image", "label", "mask", "index"}`` batches
+    whose size splits over the mesh, gathered from every process, the masked-out padding
+    dropped, in the order of ``index`` (each process reads its own share of the examples)."""
+    parts = {"out": [], "label": [], "mask": [], "index": []}
     for batch in batches:
-        images = parallel.shard_batch({"image": batch["image"]}, mesh)["image"]
-        out = np.asarray(jax.device_get(forward(variables, images)))
-        outputs.append(out[batch["mask"]])
-        labels.append(batch["label"][batch["mask"]])
-    return np.concatenate(outputs), np.concatenate(labels)
+        device = parallel.shard_batch(batch, mesh)
+        device["out"] = forward(variables, device.pop("image"))
+        for k, v in parts.items():
+            v.append(parallel.to_host(device[k]))
+    found = {k: np.concatenate(v) for k, v in parts.items()}
+    order = np.argsort(found["index"][found["mask"]], kind="stable")
+    return found["out"][found["mask"]][order], found["label"][found["mask"]][order]

@@ -292,16 +292,16 @@ class TrainOutputs:
         return cls(np.zeros(examples, np.float32), np.zeros(examples, np.int32))
 
     def put(self, step_in_epoch: int, logits, labels):
-        """Keep step ``step_in_epoch``'s batch (every batch of the epoch has one size)."""
-        n = len(labels)
-        self.labels[step_in_epoch * n:(step_in_epoch + 1) * n] = np.asarray(labels)
-        self.pending.append((step_in_epoch, logits))
+        """Keep step ``step_in_epoch``'s global batch, as device arrays (every batch of the
+        epoch has one size)."""
+        self.pending.append((step_in_epoch, logits, labels))
 
     def fetch(self):
-        """Copy the pending logits into the buffer (waits for their steps)."""
-        for i, logits in self.pending:
+        """Copy the pending logits and labels into the buffers (waits for their steps)."""
+        for i, logits, labels in self.pending:
             n = logits.shape[0]
-            self.logits[i * n:(i + 1) * n] = np.asarray(logits)
+            self.logits[i * n:(i + 1) * n] = parallel.to_host(logits)
+            self.labels[i * n:(i + 1) * n] = parallel.to_host(labels)
         self.pending.clear()
 
     def metrics(self) -> dict:
@@ -326,14 +326,13 @@ class _Feed:
         self.queue, self.next_index = collections.deque(), first
 
     def take(self, i: int, last: int):
-        """(host labels, device batch) of step ``i``; batches up to step ``last`` may load."""
+        """The device batch of step ``i``; batches up to step ``last`` may load."""
         while self.next_index <= min(i + self.ahead, last):
-            host = next(self.batches)
-            self.queue.append((host["label"], parallel.shard_batch(host, self.mesh),
-                               self.batches.get_state()))
+            batch = parallel.shard_batch(next(self.batches), self.mesh)
+            self.queue.append((batch, self.batches.get_state()))
             self.next_index += 1
-        labels, batch, self.position = self.queue.popleft()
-        return labels, batch
+        batch, self.position = self.queue.popleft()
+        return batch
 
     def rewind(self):
         """The iterator put back to just after the last batch taken (those loaded ahead
@@ -414,6 +413,13 @@ class _Trainer:
     def start(self):
         """(loop, state, outputs, program, train batches): from the latest checkpoint if any."""
         meta = self.ckpt.latest_meta()
+        if meta is not None and meta.get("processes", 1) != jax.process_count():
+            raise UserError(
+                f"the checkpoint in {self.ckpt.latest.directory} was written by a run of "
+                f"{meta.get('processes', 1)} processes and this run has {jax.process_count()}: "
+                "each process saved its own place in the data stream. Resume with the same "
+                "number of processes (any number of devices each), or train into a new "
+                "--workdir; eval, predict and export read the run with any process count")
         loop = LoopState() if meta is None else LoopState.from_meta(meta)
         program = self.compile(self.plan[loop.phase])
         state = TrainState.create(self.variables["params"], self.variables.get("batch_stats", {}),
@@ -445,7 +451,8 @@ class _Trainer:
 
     def meta(self, loop: LoopState) -> dict:
         return dict(dataclasses.asdict(loop), config=self.config.to_dict(),
-                    imagenet_rescaling=self.rescaling, kernels=kernels.describe())
+                    imagenet_rescaling=self.rescaling, kernels=kernels.describe(),
+                    processes=jax.process_count())
 
     def run_epoch(self, loop: LoopState, state, outputs: TrainOutputs, program, batches):
         """The rest of the epoch's steps; the state after them. The host reads from the devices
@@ -458,10 +465,10 @@ class _Trainer:
         feed, in_flight = _Feed(batches, self.mesh, loop.step_in_epoch), collections.deque()
         for i in range(loop.step_in_epoch, self.steps):
             saves_in = (-(step + 1)) % every if every > 0 else self.steps
-            labels, batch = feed.take(i, last=min(self.steps - 1, i + saves_in))
+            batch = feed.take(i, last=min(self.steps - 1, i + saves_in))
             state, loss, logits = program.train_step(state, batch, self.rng)
             step += 1
-            outputs.put(i, logits, labels)
+            outputs.put(i, logits, batch["label"])
             loop.step_in_epoch = i + 1
             in_flight.append(loss)
             if len(in_flight) > 2:
@@ -480,9 +487,17 @@ class _Trainer:
             if saves_in == 0 and i + 1 < self.steps:
                 self.check(state)
                 self.ckpt.save_latest(step, state, outputs.arrays(), batches, self.meta(loop))
-            if interrupt.requested():
+            if self.stop_requested(progress.due(i) or saves_in == 0):
                 self.stop(loop, state, outputs, batches, feed)
         return state
+
+    @staticmethod
+    def stop_requested(agreed_step: bool) -> bool:
+        """Whether a signal asked the run to stop. With several processes they agree at log and
+        checkpoint steps only (one signalled process stops them all, at the same step)."""
+        if jax.process_count() == 1:
+            return bool(interrupt.requested())
+        return agreed_step and parallel.any_process(bool(interrupt.requested()))
 
     def stop(self, loop: LoopState, state, outputs: TrainOutputs, batches, feed: "_Feed"):
         """A signal asked the run to stop: save where it is, then raise ``Interrupted``."""
@@ -491,7 +506,7 @@ class _Trainer:
         step = int(state.step)
         if self.ckpt.latest.latest_step() != step:  # (a checkpoint step saved itself)
             self.ckpt.save_latest(step, state, outputs.arrays(), batches, self.meta(loop))
-        signum = interrupt.requested()
+        signum = interrupt.requested() or signal.SIGTERM  # (another process's signal)
         raise interrupt.Interrupted(
             signum, f"stopped by {signal.Signals(signum).name} at step {step} (epoch "
             f"{loop.epoch + 1}, step {loop.step_in_epoch} of {self.steps}); the checkpoint is in "

@@ -7,6 +7,7 @@ import os
 import socket
 import time
 
+import jax
 from absl import logging
 
 from fracture_jax.errors import UserError
@@ -23,7 +24,10 @@ def _holder(text: str) -> str:
 @contextlib.contextmanager
 def held(workdir: str):
     """Hold ``workdir``'s lock for the block; a one-line error if another run holds it or the
-    folder cannot be written."""
+    folder cannot be written. In a multi-process run, process 0 holds it for them all."""
+    if jax.process_index() != 0:
+        yield
+        return
     try:
         os.makedirs(workdir, exist_ok=True)
         fd = os.open(os.path.join(workdir, LOCK), os.O_RDWR | os.O_CREAT, 0o644)

@@ -32,7 +32,8 @@ def _command(workdir, root, extra):
     overrides = extra | {"model.name": "smallcnn", "model.image_size": 32, "data.root": root,
                          "data.num_workers": 1, "train.batch_size": 8, "train.epochs": EPOCHS,
                          "train.patience": 9, "train.checkpoint_every": 1, "train.log_every": 1,
-                         "optimizer.lr": 3e-3, "train.allow_chance": True}
+                         "optimizer.lr": 3e-3, "train.allow_chance": True,
+                         "eval.after_train": False}  # the checkpoints are compared, not reports
     return [sys.executable, str(REPO / "main.py"), "--config=" + str(REPO / "configs/default.py"),
             f"--workdir={workdir}", "--mode=train"] + [f"--config.{k}={v}" for k, v in overrides.items()]
 
@@ -240,3 +241,22 @@ def test_divergence_counts_reads_in_a_row():
     assert [loop.watch(x) for x in (80.0, 71.0, 1.0, 80.0, 90.0, 100.0)] == [
         False, False, False, False, False, True]
     assert LoopState().watch(1e9) is False  # no first loss read yet
+
+
+@pytest.mark.parametrize("mode, values, best", [("max", [0.7, float("nan"), 0.6], 1),
+                                                ("max", [float("nan"), 0.5], 2),
+                                                ("min", [0.4, float("nan"), 0.5], 1)])
+def test_a_nan_metric_never_becomes_the_best_checkpoint(tmp_path, mode, values, best):
+    """The best checkpoint's ranking puts a NaN below every number, whichever way is better."""
+    import grain
+
+    from fracture_jax.checkpoint import RunCheckpoints
+    ckpt = RunCheckpoints(str(tmp_path), "val_auroc", mode)
+    data = iter(grain.MapDataset.range(4).to_iter_dataset())
+    try:
+        for step, value in enumerate(values, start=1):
+            ckpt.save_best(step, {"w": np.float32(step)}, {"x": np.zeros(1)}, data, {},
+                           {"val_auroc": value})
+        assert ckpt.best.all_steps() == [best]
+    finally:
+        ckpt.close()

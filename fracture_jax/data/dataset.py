@@ -6,6 +6,7 @@ from pathlib import Path
 
 from absl import logging
 
+from fracture_jax import parallel
 from fracture_jax.data.builder import data_sources, dataset_dir, prepare
 from fracture_jax.data.decoded import prepare_decoded
 from fracture_jax.data.scan import LAYOUT
@@ -35,8 +36,9 @@ def load(config, workdir: str, side: int | None = None):
     """``(scan report, {split: decoded source})`` for the config's data, preparing the copy
     of the original bytes and decoding it once (at ``side``, default ``decoded_side``) if
     needed."""
-    root = data_root(config, workdir)
     prepared = Path(config.data.prepared_dir or os.path.join(workdir, "tfds")).expanduser()
-    report = prepare(root, str(prepared))
-    return report, prepare_decoded(dataset_dir(prepared), data_sources(str(prepared)),
-                                   side or decoded_side(config))
+    with parallel.first_process_first("fracture_jax: data prepared"):
+        root = data_root(config, workdir)
+        report = prepare(root, str(prepared))
+        return report, prepare_decoded(dataset_dir(prepared), data_sources(str(prepared)),
+                                       side or decoded_side(config))

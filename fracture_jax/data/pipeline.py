@@ -31,9 +31,9 @@ def file_names(source) -> list[str]:
     return list(source.filenames)
 
 
-def _eval_example(example):
+def _eval_example(index, example):
     return {"image": example["image"], "label": np.int32(example["label"]),
-            "mask": np.bool_(True)}
+            "mask": np.bool_(True), "index": np.int32(index)}
 
 
 def _host_shard(ds: grain.MapDataset) -> grain.MapDataset:
@@ -63,13 +63,31 @@ def _iterate(ds: grain.MapDataset, num_workers: int, prefetch: int) -> grain.Ite
     return it
 
 
+@dataclasses.dataclass(frozen=True)
+class _ProcessRows:
+    """Element ``k`` of this process's stream: row ``k % local`` of its ``local`` rows in global
+    batch ``k // local`` of ``stream``."""
+    stream: grain.MapDataset
+    global_batch: int
+    local: int
+    process: int
+
+    def __call__(self, k):
+        batch, row = divmod(int(k), self.local)
+        return self.stream[batch * self.global_batch + self.process * self.local + row]
+
+
 def _train_stream(ds: grain.MapDataset, transform, seed: int, batch_size: int,
                   skip_batches: int) -> grain.MapDataset:
-    """This host's shard of ``ds``, shuffled anew each epoch, endless, ``transform``-ed and
-    batched, from batch ``skip_batches`` on."""
-    local = batch_size // jax.process_count()
-    ds = _host_shard(ds).seed(seed).shuffle().repeat().map(transform)
-    return ds[skip_batches * local:].batch(local, drop_remainder=True)
+    """This process's rows of an endless stream of global batches of ``batch_size``: ``ds``
+    shuffled anew each epoch and ``transform``-ed, from batch ``skip_batches`` on. Every
+    process count sees the same global batches (a process takes its own block of rows)."""
+    stream = ds.seed(seed).shuffle().repeat().map(transform)
+    local, count = batch_size // jax.process_count(), jax.process_count()
+    if count > 1:
+        rows = _ProcessRows(stream, batch_size, local, jax.process_index())
+        stream = grain.MapDataset.range(len(stream) // batch_size * local).map(rows)
+    return stream[skip_batches * local:].batch(local, drop_remainder=True)
 
 
 def _train_example(example):
@@ -113,8 +131,8 @@ def cached_eval_batches(features: np.ndarray, labels: np.ndarray, batch_size: in
     examples) over precomputed backbone features."""
     for start in range(0, len(features), batch_size):
         rows = range(start, min(start + batch_size, len(features)))
-        yield _pad_batch([{"image": features[i], "label": labels[i], "mask": np.bool_(True)}
-                          for i in rows], batch_size)
+        yield _pad_batch([{"image": features[i], "label": labels[i], "mask": np.bool_(True),
+                           "index": np.int32(i)} for i in rows], batch_size)
 
 
 def _pad_batch(examples, batch_size: int):
@@ -131,7 +149,6 @@ def eval_dataset(source, batch_size: int, num_workers: int = 0,
     """Every example of this host's shard once, in order, in batches of ``batch_size //
     process_count``; the last batch is zero-padded and ``mask`` marks the real examples."""
     local = batch_size // jax.process_count()
-    ds = _host_shard(grain.MapDataset.source(source))
-    ds = ds.map(_eval_example)
+    ds = _host_shard(grain.MapDataset.source(source).map_with_index(_eval_example))
     ds = ds.batch(local, batch_fn=functools.partial(_pad_batch, batch_size=local))
     return _iterate(ds, num_workers, prefetch)
