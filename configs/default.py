@@ -77,6 +77,8 @@ def get_config() -> ml_collections.ConfigDict:
     e.ensemble = ""  # comma-separated workdirs scored with this one, probabilities averaged
     e.samples = 16  # images in the sample-prediction grid
     e.gradcam_per_group = 4  # Grad-CAM overlays per group (true pos., false pos., false neg.)
+    e.output_dir = ""  # where the report goes (default: <workdir>/eval, or for another data
+    # folder than the run's, <workdir>/eval_<folder name>)
 
     c.export = x = ml_collections.ConfigDict()
     x.formats = "h5,keras,onnx"  # what --mode=export writes (keras and onnx need those packages)

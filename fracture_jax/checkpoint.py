@@ -43,22 +43,22 @@ def _restore(target, partial: bool = False) -> ocp.args.PyTreeRestore:
 class RunCheckpoints:
     """``latest/`` keeps the newest checkpoint, ``best/`` the one with the best metric."""
 
-    def __init__(self, workdir: str, metric: str, mode: str = "max"):
+    def __init__(self, workdir: str, metric: str, mode: str = "max", read_only: bool = False):
         root = os.path.abspath(os.path.join(workdir, "checkpoints"))
         self.metric = metric
         policies = checkpoint_managers.preservation_policy
+        common = dict(enable_async_checkpointing=False, read_only=read_only,
+                      cleanup_tmp_directories=not read_only, create=not read_only)
         self.latest = ocp.CheckpointManager(
             os.path.join(root, "latest"), item_handlers=_handlers(),
-            options=ocp.CheckpointManagerOptions(
-                preservation_policy=policies.LatestN(n=1), enable_async_checkpointing=False,
-                cleanup_tmp_directories=True))
+            options=ocp.CheckpointManagerOptions(preservation_policy=policies.LatestN(n=1),
+                                                 **common))
         self.best = ocp.CheckpointManager(
             os.path.join(root, "best"), item_handlers=_handlers(),
             options=ocp.CheckpointManagerOptions(
                 preservation_policy=policies.BestN(
                     get_metric_fn=ranking(metric, mode), n=1,
-                    keep_checkpoints_without_metrics=False),
-                enable_async_checkpointing=False, cleanup_tmp_directories=True))
+                    keep_checkpoints_without_metrics=False), **common))
 
     @staticmethod
     def _args(state, outputs, data_iter, meta):
@@ -122,7 +122,7 @@ def load_best(workdir: str) -> tuple[dict, dict]:
     if not os.path.isdir(os.path.join(workdir, "checkpoints", "best")):
         raise UserError(f"no trained model in {workdir}: {workdir}/checkpoints/best does not "
                         f"exist; train first with --mode=train --workdir={workdir}")
-    ckpt = RunCheckpoints(workdir, metric="unused")
+    ckpt = RunCheckpoints(workdir, metric="unused", read_only=True)  # (a read-only copy works)
     try:
         found = ckpt.restore_best_weights(with_meta=True)
     finally:

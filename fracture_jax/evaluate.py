@@ -10,6 +10,7 @@ import csv
 import dataclasses
 import json
 import os
+import tempfile
 import time
 
 import jax
@@ -100,14 +101,20 @@ def member_probabilities(member: Member, sources: dict, config, mesh) -> tuple[d
     return out, speed
 
 
-def score(probs: dict, config) -> dict:
-    """Threshold chosen on val, then every split scored at it and at 0.5, with CIs."""
+def score(probs: dict, config, stored: dict | None = None) -> dict:
+    """Every split scored at the operating threshold and at 0.5, with CIs. The threshold is
+    chosen on val, or is the ``stored`` one (a run's, chosen on its own val)."""
     e = config.eval
-    threshold = choose_threshold(probs["val"][1], probs["val"][0], e.threshold,
-                                 e.target_sensitivity)
-    result = {"threshold": {"value": threshold, "method": e.threshold, "chosen_on": "val"}
-              | ({"target_sensitivity": e.target_sensitivity}
-                 if e.threshold == "sensitivity" else {})}
+    if stored is not None:
+        threshold = float(stored["value"])
+        result = {"threshold": {k: v for k, v in stored.items() if k != "model"}
+                  | {"chosen_on": "run's val"}}
+    else:
+        threshold = choose_threshold(probs["val"][1], probs["val"][0], e.threshold,
+                                     e.target_sensitivity)
+        result = {"threshold": {"value": threshold, "method": e.threshold, "chosen_on": "val"}
+                  | ({"target_sensitivity": e.target_sensitivity}
+                     if e.threshold == "sensitivity" else {})}
     for split, (p, y) in probs.items():
         result[split] = {"operating": score_split(y, p, threshold, e.bootstrap, config.seed),
                          "at_0.5": score_split(y, p, 0.5, e.bootstrap, config.seed)}
@@ -172,26 +179,74 @@ def figures(out_dir: str, member: Member, source, probs, labels, split: str, res
     return made
 
 
+@dataclasses.dataclass
+class EvaluationData:
+    """What an evaluation scores and where its report goes."""
+
+    root: str  # the image folder
+    prepared: str  # its TFDS copy
+    report: object  # the copy's scan report
+    sources: dict  # {"val"/"test": decoded source}, the splits present
+    out_dir: str
+    threshold: dict | None  # the run's stored threshold (another folder's data), else None
+
+
+def _evaluation_data(config, workdir: str, members: list) -> EvaluationData:
+    """The run's own data, read as it was prepared, into ``<workdir>/eval``; or the folder
+    ``config.data`` names when it is another one: its own copy keyed by its content (any of
+    val/ and test/ suffice), scored at the run's stored threshold, into
+    ``<workdir>/eval_<folder name>``. ``eval.output_dir`` overrides either place."""
+    run = members[0].config
+    side = dataset.decoded_side(run)
+    own = dataset.root_path(run, workdir)
+    named = dataset.root_path(config, workdir) if config.data.root or config.data.synthetic else own
+    if os.path.realpath(os.path.expanduser(named)) == os.path.realpath(os.path.expanduser(own)):
+        found = dataset.load_as_prepared(run, workdir, side) or dataset.load(run, workdir, side)
+        prepared, threshold, out_dir = dataset.prepared_dir(run, workdir), None, "eval"
+    else:
+        if len(members) > 1:
+            raise UserError("eval.ensemble on another data folder than the run's is not "
+                            "supported: evaluate each run on it")
+        threshold = read_threshold(workdir)
+        prepared = dataset.keyed_prepared_dir(config, named)
+        found = dataset.load(config, workdir, side, prepared, required=())
+        out_dir = f"eval_{os.path.basename(os.path.normpath(os.path.expanduser(named)))}"
+    sources = {s: found[1][s] for s in ("val", "test") if s in found[1]}
+    if not sources:
+        raise UserError(f"{named} has neither a val/ nor a test/ split: nothing to score")
+    out_dir = config.eval.output_dir or os.path.join(workdir, out_dir)
+    if jax.process_index() == 0:
+        _writable(out_dir)
+    return EvaluationData(named, str(prepared), found[0], sources, out_dir, threshold)
+
+
+def _writable(folder: str):
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write the report to {folder} ({e.strerror}); set "
+                        "--config.eval.output_dir to a writable folder") from None
+
+
 def evaluate(config, workdir: str) -> dict:
     """Score ``workdir`` (and ``config.eval.ensemble``'s workdirs) and write the report.
 
-    The data is ``config.data`` when it names any, else the data of the run in ``workdir``.
+    The data is the run's own, unless ``config.data`` names another folder
+    (``_evaluation_data``).
     """
     mesh = parallel.make_mesh()
     extra = [w.strip() for w in config.eval.ensemble.split(",") if w.strip()]
     members = [load_member(w) for w in [workdir] + extra]
-    # the data named on the command line, else the data the run was trained on
-    data = config if config.data.root or config.data.synthetic else members[0].config
-    report, all_sources = dataset.load(data, workdir, dataset.decoded_side(members[0].config))
-    sources = {s: all_sources[s] for s in ("val", "test") if s in all_sources}
-    out_dir = os.path.join(workdir, "eval")
-    os.makedirs(out_dir, exist_ok=True)
+    data = _evaluation_data(config, workdir, members)
+    sources = data.sources
 
     member_probs, results, speed = [], {}, {}
     for member in members:
         probs, speed[member.name] = member_probabilities(member, sources, config, mesh)
         member_probs.append(probs)
-        results[member.name] = score(probs, config)
+        results[member.name] = score(probs, config, data.threshold)
         logging.info("%s: test-time flip %s, %s", member.name, config.eval.flip_tta,
                      ", ".join(f"{s} {v['images_per_s']} img/s"
                                for s, v in speed[member.name].items()))
@@ -201,26 +256,30 @@ def evaluate(config, workdir: str) -> dict:
         primary = "ensemble (mean probability)"
         probs = {s: (np.mean([p[s][0] for p in member_probs], axis=0), member_probs[0][s][1])
                  for s in sources}
-        results[primary] = score(probs, config)
+        results[primary] = score(probs, config, data.threshold)
 
     metrics = {"primary": primary, "members": [m.name for m in members],
                "flip_tta": config.eval.flip_tta,
                "bootstrap": {"resamples": config.eval.bootstrap, "seed": config.seed,
                              "level": 0.95},
                "speed": speed, "results": results, "fracture_jax": fracture_jax.__version__,
+               "data": {"root": data.root, "run_data": data.threshold is None,
+                        "prepared": data.prepared},
                "warnings": failure_flags(probs, results[primary])}
     for line in metrics["warnings"]:
         logging.warning("%s\nWARNING: %s\n%s", "!" * 70, line, "!" * 70)
     _log_summary(metrics)
     if jax.process_index() == 0:  # every process scored; the first one writes
-        _publish(workdir, members, member_probs, probs, metrics, sources, report, config)
+        _publish(workdir, data, members, member_probs, probs, metrics, config)
     return metrics
 
 
-def _publish(workdir: str, members: list, member_probs: list, probs: dict, metrics: dict,
-             sources: dict, report, config):
-    """The predictions, figures, metrics, threshold and report of an evaluation, on disk."""
-    out_dir, primary, results = os.path.join(workdir, "eval"), metrics["primary"], metrics["results"]
+def _publish(workdir: str, data: "EvaluationData", members: list, member_probs: list,
+             probs: dict, metrics: dict, config):
+    """The predictions, figures, metrics, threshold and report of an evaluation, on disk. On
+    another data folder than the run's, the run's threshold and report stay as they were."""
+    out_dir, primary, results = data.out_dir, metrics["primary"], metrics["results"]
+    sources = data.sources
     for split, source in sources.items():
         columns = {m.name: p[split][0] for m, p in zip(members, member_probs)}
         if len(members) > 1:
@@ -231,9 +290,17 @@ def _publish(workdir: str, members: list, member_probs: list, probs: dict, metri
     made = figures(out_dir, members[0], sources[split], probs[split][0], probs[split][1], split,
                    results[primary], config)
     write_json(os.path.join(out_dir, "metrics.json"), metrics)
-    write_json(threshold_path(workdir), results[members[0].name]["threshold"]
-               | {"model": members[0].name})
-    page = write_report(os.path.join(out_dir, "report.html"), metrics, made, report,
+    if data.threshold is None:  # chosen now, on the run's own val
+        chosen = results[members[0].name]["threshold"] | {"model": members[0].name}
+        write_json(os.path.join(out_dir, "threshold.json"), chosen)
+        if os.path.realpath(os.path.dirname(threshold_path(workdir))) != os.path.realpath(out_dir):
+            try:
+                write_json(threshold_path(workdir), chosen)
+            except OSError as e:
+                logging.warning("the threshold is in %s only, not in the run's %s (%s): predict "
+                                "and export read it from the run", out_dir, threshold_path(workdir),
+                                e.strerror)
+    page = write_report(os.path.join(out_dir, "report.html"), metrics, made, data.report,
                         members[0].config.to_dict())
     print(f"evaluation done: report {page}, metrics {os.path.join(out_dir, 'metrics.json')}")
 
@@ -243,16 +310,17 @@ CHANCE = "contains 0.5 (chance level)"
 
 def failure_flags(probs: dict, result: dict) -> list[str]:
     """What says the model does not work: the same probability for every image of a split, or
-    a val ROC AUC whose 95% interval contains 0.5."""
+    a val (else test) ROC AUC whose 95% interval contains 0.5."""
     flags = []
     for split, (p, _) in probs.items():
         if np.ptp(p) < 1e-6:
             flags.append(f"{split}: the model gives every image the same probability "
                          f"({float(p[0]):.4f}); it separates nothing")
-    op = result["val"]["operating"]
+    split = "val" if "val" in result else "test"
+    op = result[split]["operating"]
     auc, (low, high) = op["metrics"]["roc_auc"], op["ci95"]["roc_auc"]
     if low <= 0.5 <= high:
-        flags.append(f"val ROC AUC {auc:.3f}, 95% interval [{low:.3f}, {high:.3f}] {CHANCE}")
+        flags.append(f"{split} ROC AUC {auc:.3f}, 95% interval [{low:.3f}, {high:.3f}] {CHANCE}")
     return flags
 
 

@@ -99,13 +99,17 @@ def write_report(path: str, metrics: dict, figures: dict, data_report, config: d
              f'95% CIs from {metrics["bootstrap"]["resamples"]} bootstrap resamples of the '
              f'images (seed {metrics["bootstrap"]["seed"]}).</p>',
              "<h2>Data</h2>",
+             *([f"<p>{_e(metrics['data']['root'])}"
+                + ("" if metrics["data"]["run_data"] else ": <b>another data folder than the "
+                   "run's</b>, scored at the run's threshold") + "</p>"]
+               if "data" in metrics else []),
              _table(["split", "fractured", "not fractured"],
                     [[s, c["fractured"], c["not_fractured"]]
                      for s, c in data_report.counts().items()]),
              f"<p>{len(data_report.skipped)} files skipped, {len(data_report.duplicates)} "
              f"groups of duplicate files, {len(data_report.leakage)} across splits.</p>",
              "<h2>Operating threshold</h2>",
-             f"<p>{thr['value']:.4f}, chosen on the <b>val</b> split by "
+             f"<p>{thr['value']:.4f}, chosen on the <b>{_e(thr['chosen_on'])}</b> split by "
              f"{_e(thr['method'])}{' (target sensitivity ' + str(thr['target_sensitivity']) + ')' if 'target_sensitivity' in thr else ''}"
              ", then applied unchanged to test.</p>",
              "<h2>Metrics (95% CI)</h2>", metrics_table(result),

@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,13 +16,16 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
+from conftest import REPO
+
 from configs import default
 from fracture_jax import cli, parallel
 from fracture_jax.data.builder import data_sources, dataset_dir, prepare
 from fracture_jax.data.decoded import prepare_decoded
 from fracture_jax.data.pipeline import example_at
+from fracture_jax.data.synthetic import write_phantoms
 from fracture_jax.errors import UserError
-from fracture_jax.evaluate import failure_flags, score
+from fracture_jax.evaluate import evaluate, failure_flags, score
 from fracture_jax.gradcam import grad_cam
 from fracture_jax.inference import make_forward, predict
 from fracture_jax.models import FractureClassifier
@@ -246,3 +251,85 @@ def test_report_renders_in_headless_chromium(trained_runs, tmp_path):
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > 500
     blue = (img[..., 2] > 150) & (img[..., 0] < 80)
     assert blue.sum() > 1000
+
+
+def _files(folder: Path) -> dict:
+    """{relative path: bytes} of every file below ``folder``."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_eval_on_another_folder_leaves_the_run_as_it_was(trained_runs, tmp_path, monkeypatch):
+    """A second data folder with a test split only: its own copy keyed by its content (in the
+    user's cache, not the run's tfds/), the run's stored threshold, the report in
+    eval_<folder>; the run's tfds/ and eval/ byte for byte as they were."""
+    _, workdir = trained_runs[0]
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    other = write_phantoms(tmp_path / "hospital_b", per_class=12, size=64, seed=7)
+    for split in ("train", "val"):
+        shutil.rmtree(other / split)
+    before = {d: _files(workdir / d) for d in ("tfds", "eval")}
+    config = default.get_config()
+    config.data.root, config.data.num_workers, config.eval.bootstrap = str(other), 0, 50
+    metrics = evaluate(config, str(workdir))
+    assert {d: _files(workdir / d) for d in ("tfds", "eval")} == before
+    stored = json.loads((workdir / "eval" / "threshold.json").read_text())
+    result = metrics["results"][metrics["primary"]]
+    assert result["threshold"]["value"] == stored["value"]
+    assert result["threshold"]["chosen_on"] == "run's val" and set(result) == {"threshold", "test"}
+    out = workdir / "eval_hospital_b"
+    assert json.loads((out / "metrics.json").read_text())["data"]["run_data"] is False
+    assert "another data folder than the run's" in (out / "report.html").read_text()
+    assert len(list(csv.DictReader(open(out / "predictions_test.csv")))) == 6
+    copies = list((tmp_path / "cache" / "fracture_jax" / "prepared").iterdir())
+    assert [c.name.split("-")[0] for c in copies] == ["hospital_b"]
+    assert not (out / "threshold.json").exists()
+
+
+def test_a_copied_workdir_is_evaluated_as_it_is(trained_runs, tmp_path, monkeypatch):
+    """The run's own data is read from its prepared copy, as it was prepared: no scan of the
+    data folder, nothing rebuilt, in a copy of the workdir elsewhere."""
+    _, workdir = trained_runs[1]
+    copied = tmp_path / "copied"
+    shutil.copytree(workdir, copied)
+    tfds_before = _files(copied / "tfds")
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("the data folder was scanned again")
+    monkeypatch.setattr("fracture_jax.data.dataset.prepare", no_scan)
+    config = default.get_config()
+    config.data.num_workers, config.eval.bootstrap = 0, 50
+    metrics = evaluate(config, str(copied))
+    assert metrics["data"]["run_data"] is True
+    assert _files(copied / "tfds") == tfds_before
+    assert (copied / "eval" / "report.html").stat().st_mtime > (workdir / "eval" / "report.html").stat().st_mtime
+
+
+def _read_only_eval(workdir: Path, extra: list[str]) -> subprocess.CompletedProcess:
+    """--mode=eval with ``workdir`` mounted read-only in a mount namespace of its own."""
+    script = (f'mount --bind "{workdir}" "{workdir}" && mount -o remount,ro,bind "{workdir}" '
+              f'"{workdir}" && touch "{workdir}/probe" 2>/dev/null && exit 99; exec "$@"')
+    command = [sys.executable, str(REPO / "main.py"), "--mode=eval", f"--workdir={workdir}",
+               "--config.data.num_workers=0", "--config.eval.bootstrap=50", *extra]
+    return subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", *command], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_read_only_workdir_is_evaluated_as_it_is(trained_runs, tmp_path):
+    """Mounted read-only: eval says in one line where the report cannot go and how to choose
+    another place; with eval.output_dir it scores the run and leaves the workdir unchanged."""
+    _, workdir = trained_runs[1]
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1) here to mount a folder read-only")
+    before = _files(workdir)
+    result = _read_only_eval(workdir, [])
+    if "mount:" in result.stderr:
+        pytest.skip(f"this kernel refuses a private read-only mount: {result.stderr[:200]}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert "cannot write the report to" in result.stderr and "eval.output_dir" in result.stderr
+    result = _read_only_eval(workdir, [f"--config.eval.output_dir={tmp_path / 'report'}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "report" / "report.html").is_file()
+    assert (tmp_path / "report" / "threshold.json").is_file()
+    assert _files(workdir) == before

@@ -15,7 +15,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from fracture_jax.data.scan import CLASS_NAMES, ScanReport, find_layout, fingerprint, scan_folder
+from fracture_jax.errors import UserError
+from fracture_jax.data.scan import (CLASS_NAMES, REQUIRED_SPLITS, ScanReport, find_layout,
+                                    fingerprint, scan_folder)
 
 tfds.disable_progress_bar()
 
@@ -28,6 +30,7 @@ class BoneFractures(tfds.core.GeneratorBasedBuilder):
     """X-rays labelled fractured / not fractured, from the seed's folder layout."""
 
     VERSION = tfds.core.Version("1.0.0")
+    required_splits = REQUIRED_SPLITS  # a copy for evaluation needs none in particular
     MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass the image folder as the manual dir (see README)."
 
     def _info(self):
@@ -41,7 +44,7 @@ class BoneFractures(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         root = Path(dl_manager.manual_dir)
-        report = scan_folder(root)
+        report = scan_folder(root, required=self.required_splits)
         Path(self.data_dir).mkdir(parents=True, exist_ok=True)
         (Path(self.data_dir) / REPORT).write_text(json.dumps(report.to_json(), indent=1))
         return {split: self._generate_examples(root, ex) for split, ex in report.examples.items()}
@@ -60,24 +63,39 @@ def report_path(data_dir: str) -> Path:
     return dataset_dir(Path(data_dir).expanduser()) / REPORT
 
 
-def prepare(root: str, data_dir: str) -> ScanReport:
-    """Build (or reuse) the ArrayRecord copy of ``root`` under ``data_dir``; its scan report."""
-    find_layout(root)  # layout errors, named, before any work
+def prepare(root: str, data_dir: str, required: tuple = REQUIRED_SPLITS) -> ScanReport:
+    """Build (or reuse) the ArrayRecord copy of ``root`` under ``data_dir``; its scan report.
+    ``required``: the splits the folder must have."""
+    find_layout(root, required)  # layout errors, named, before any work
     data_dir = Path(data_dir).expanduser()
     out = dataset_dir(data_dir)
     stamp = fingerprint(root)
     if (out / _FINGERPRINT).is_file() and (out / _FINGERPRINT).read_text() == stamp:
         logging.info("%s is unchanged since it was prepared into %s", root, out)
     else:
-        if out.exists():
-            logging.info("%s changed since it was prepared: rebuilding %s", root, out)
-            shutil.rmtree(out)
-        logging.info("preparing %s into %s", root, out)
-        builder = BoneFractures(data_dir=str(data_dir), file_format="array_record")
-        with contextlib.redirect_stdout(io.StringIO()):  # TFDS' "Downloading ... Unknown size"
-            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-                manual_dir=str(Path(root).expanduser())))
+        try:
+            _build(root, data_dir, out, required)
+        except OSError as e:
+            raise UserError(f"cannot write the prepared copy of {root} in {out} ({e.strerror}); "
+                            "set --config.data.prepared_dir to a writable folder") from None
         (out / _FINGERPRINT).write_text(stamp)
+    return read_report(out)
+
+
+def _build(root: str, data_dir: Path, out: Path, required: tuple):
+    if out.exists():
+        logging.info("%s changed since it was prepared: rebuilding %s", root, out)
+        shutil.rmtree(out)
+    logging.info("preparing %s into %s", root, out)
+    builder = BoneFractures(data_dir=str(data_dir), file_format="array_record")
+    builder.required_splits = tuple(required)
+    with contextlib.redirect_stdout(io.StringIO()):  # TFDS' "Downloading ... Unknown size"
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            manual_dir=str(Path(root).expanduser())))
+
+
+def read_report(out: Path) -> ScanReport:
+    """The scan report of the copy in ``out`` (a ``dataset_dir``), its warnings logged."""
     report = ScanReport(**{k: v for k, v in json.loads((out / REPORT).read_text()).items()
                            if k != "counts"})
     for rel, reason in report.skipped:

@@ -53,8 +53,10 @@ def _match(name: str, spellings: dict) -> str | None:
     return next((k for k, names in spellings.items() if low in names), None)
 
 
-def find_layout(root: str | os.PathLike) -> tuple[dict, dict]:
-    """(split -> folder, "split/class" -> folder), or a ``UserError`` naming what is wrong."""
+def find_layout(root: str | os.PathLike,
+                required: tuple = REQUIRED_SPLITS) -> tuple[dict, dict]:
+    """(split -> folder, "split/class" -> folder), or a ``UserError`` naming what is wrong
+    (a ``required`` split missing among them)."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise UserError(f"data folder {root} does not exist; expected the layout {LAYOUT} "
@@ -75,7 +77,7 @@ def find_layout(root: str | os.PathLike) -> tuple[dict, dict]:
                 raise UserError(f"{c}: unknown {'folder' if c.is_dir() else 'file'} in a split; "
                                 f"expected only the class folders {' and '.join(CLASS_NAMES)}")
             classes[f"{split}/{cls}"] = f"{d.name}/{c.name}"
-    for split in REQUIRED_SPLITS:
+    for split in required:
         if split not in splits:
             raise UserError(f"{root / split}: missing split folder; expected the layout {LAYOUT}")
     for split in splits:
@@ -97,10 +99,11 @@ def _check(path: Path, root: Path):
         return rel, None, str(e).removeprefix(f"{rel}: ")
 
 
-def scan_folder(root: str | os.PathLike, workers: int = 4) -> ScanReport:
+def scan_folder(root: str | os.PathLike, workers: int = 4,
+                required: tuple = REQUIRED_SPLITS) -> ScanReport:
     """Validate every file under ``root`` (decoding each once, in threads)."""
     root = Path(root).expanduser().resolve()
-    splits, classes = find_layout(root)
+    splits, classes = find_layout(root, required)
     jobs = []
     for key, folder in classes.items():
         split, cls = key.split("/")
@@ -130,9 +133,10 @@ def scan_folder(root: str | os.PathLike, workers: int = 4) -> ScanReport:
 
 
 def fingerprint(root: str | os.PathLike) -> str:
-    """A cheap digest of every file's path, size and mtime: changes when the folder does."""
+    """A cheap digest of every file's path (below ``root``), size and mtime: changes when the
+    folder's content does, not when the folder moves."""
     root = Path(root).expanduser().resolve()
-    h = hashlib.sha256(str(root).encode())
+    h = hashlib.sha256()
     for p in sorted(root.rglob("*")):
         if p.is_file():
             st = p.stat()
