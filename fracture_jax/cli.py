@@ -50,7 +50,8 @@ def _run(config, workdir: str, mode: str, images: str | None):
         predict_files(config, workdir, images)
     elif mode == "export":
         from fracture_jax.export import export_run
-        export_run(config, workdir)
+        if jax.process_index() == 0:  # files from one process (the others have nothing to do)
+            export_run(config, workdir)
     elif mode == "inspect":
         from fracture_jax.data.inspect import inspect_dataset
         inspect_dataset(config, workdir)

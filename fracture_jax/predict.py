@@ -82,11 +82,11 @@ def predict_files(config, workdir: str, images: str | None) -> str:
         x = np.zeros((batch, size, size, 3), np.float32)
         x[:len(good)] = np.stack(arrays)
         logits = forward(variables, parallel.shard_batch({"image": x}, mesh)["image"])
-        probs = sigmoid(jax.device_get(logits))[:len(good)]
+        probs = sigmoid(parallel.to_host(logits))[:len(good)]  # (each process sent the batch)
         rows += [{"file": p, "probability": f"{q:.6f}", "label":
                   "fractured" if q >= threshold else "not_fractured",
                   "threshold": f"{threshold:.6f}", "error": ""} for p, q in zip(good, probs)]
-        if config.predict.gradcam:
+        if config.predict.gradcam and jax.process_index() == 0:
             heat, _ = grad_cam(member.model, member.variables, jnp.asarray(x[:len(good)]))
             for path, img, h, q in zip(good, x, np.asarray(heat), probs):
                 stem = os.path.splitext(os.path.basename(path))[0]
@@ -94,6 +94,8 @@ def predict_files(config, workdir: str, images: str | None) -> str:
                                  os.path.join(cam_dir, f"{stem}.png"), heat=h[None], cols=1)
     order = {path: i for i, path in enumerate(files)}
     rows.sort(key=lambda r: order[r["file"]])
+    if jax.process_index() != 0:  # every process predicted; the first one writes
+        return output
     with atomic_path(output) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, FIELDS, restval="")
         writer.writeheader()
