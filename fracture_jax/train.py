@@ -258,12 +258,14 @@ class LoopState:
         return self.epoch < config.train.epochs and self.bad_epochs < config.train.patience
 
     def end_epoch(self, metrics: dict, value: float, minimise: bool) -> bool:
-        """Record the epoch; whether ``value`` improved on the best (NaN never does)."""
-        improved = self.best is None or (math.isfinite(value) and (
+        """Record the epoch; whether it is the best so far: a number better than the best, or
+        any epoch while no number has come (a NaN never becomes ``best``)."""
+        better = math.isfinite(value) and (self.best is None or (
             value < self.best if minimise else value > self.best))
+        improved = better or self.best is None
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
         self.history = self.history + [metrics]
-        self.best = value if improved else self.best
+        self.best = value if better else self.best
         self.bad_epochs = 0 if improved else self.bad_epochs + 1
         return improved
 

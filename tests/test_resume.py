@@ -243,6 +243,14 @@ def test_divergence_counts_reads_in_a_row():
     assert LoopState().watch(1e9) is False  # no first loss read yet
 
 
+def test_a_nan_epoch_is_the_best_only_until_a_number_comes():
+    nan = float("nan")
+    loop = LoopState()
+    assert [loop.end_epoch({}, v, minimise=False) for v in (nan, 0.6, nan, 0.5, 0.7)] == [
+        True, True, False, False, True]
+    assert loop.best == 0.7 and loop.bad_epochs == 0
+
+
 @pytest.mark.parametrize("mode, values, best", [("max", [0.7, float("nan"), 0.6], 1),
                                                 ("max", [float("nan"), 0.5], 2),
                                                 ("min", [0.4, float("nan"), 0.5], 1)])
