@@ -19,6 +19,10 @@ def get_config() -> ml_collections.ConfigDict:
     # image_size; larger keeps detail for zoom crops, at side^2 * 3 bytes per image on disk)
     d.num_workers = 2  # grain worker processes reading batches (0: in the main process)
     d.prefetch = 2  # batches each worker prepares ahead
+    d.sampling = "shuffled"  # shuffled, or balanced: every batch half fractured, half not
+    d.mixup_alpha = 0.0  # MixUp: Beta(alpha, alpha) blend weight (0: off; 0.2-0.4 is usual)
+    d.cutmix_alpha = 0.0  # CutMix: Beta(alpha, alpha) box share (0: off; 1.0 is usual)
+    d.mix_prob = 1.0  # share of train batches mixed when MixUp or CutMix is on
     d.augment = a = ml_collections.ConfigDict()  # on the device, in the train step
     a.flip = True  # random horizontal flip
     a.rotate_deg = 10.0  # max rotation in degrees (0: off)
@@ -40,6 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
     o.weight_decay = 0.0  # decoupled weight decay (adamw)
     o.grad_clip = 0.0  # global-norm gradient clipping (0: off)
     o.momentum = 0.9  # sgd: momentum (0: plain SGD)
+    o.layer_decay = 1.0  # layer-wise rates: the last backbone block x this, each earlier block
+    # x this once more, the head x 1 (1.0: off; 0.7-0.9 is usual)
 
     c.schedule = s = ml_collections.ConfigDict()
     s.name = "constant"  # constant, step_exp (the seed's) or warmup_cosine
@@ -53,6 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
     t.freeze = "none"  # none, all (backbone), or a number of leading backbone layers
     t.head_epochs = 0  # two-phase recipe: epochs with the backbone frozen before unfreezing
     t.unfreeze_lr_scale = 0.1  # learning-rate factor after unfreezing
+    t.accumulate_steps = 1  # gradient accumulation: one update per this many batches
     t.pos_weight = 1.0  # weight of the fractured class in the loss (imbalance)
     t.label_smoothing = 0.0  # binary label smoothing
     t.early_stop_metric = "val_auroc"  # watched by early stopping and the best checkpoint

@@ -14,6 +14,7 @@ import numpy as np
 from absl import logging
 
 from fracture_jax.augment import Augment
+from fracture_jax.mixing import Mixing
 from fracture_jax.data.pipeline import cached_eval_batches, cached_train_dataset
 from fracture_jax.errors import UserError
 from fracture_jax.inference import make_forward, mesh_multiple, predict, predict_batches
@@ -26,7 +27,8 @@ def applies(config, backbone_frozen: bool) -> bool:
     """Whether a phase trains on cached features (``backbone_frozen``: the whole backbone is),
     by ``config.train.cache_features``:
 
-    - auto: when that changes nothing: the backbone wholly frozen, augmentation off, no random
+    - auto: when that changes nothing: the backbone wholly frozen, augmentation and mixing
+      off, no random
       layer in the backbone, one process;
     - force: also when the frozen backbone has random layers (EfficientNet's drop-connect):
       the cache holds their inference-mode output, as Keras' ``base_model(x, training=False)``;
@@ -36,7 +38,8 @@ def applies(config, backbone_frozen: bool) -> bool:
     if mode not in MODES:
         raise UserError(f"train.cache_features={config.train.cache_features!r}: use one of "
                         f"{', '.join(MODES)}")
-    augmented = Augment.from_config(config.data.augment).active
+    augmented = (Augment.from_config(config.data.augment).active
+                 or Mixing.from_config(config.data).active)
     if mode == "off" or not backbone_frozen or augmented or jax.process_count() > 1:
         return False
     if mode == "auto" and get_spec(config.model.name).drops_paths:
@@ -67,9 +70,10 @@ class FeatureCache:
                      len(splits["train"][1]), len(splits["val"][1]), time.perf_counter() - start)
         return cls(**splits)
 
-    def train_dataset(self, batch_size: int, seed: int, skip_batches: int):
+    def train_dataset(self, batch_size: int, seed: int, skip_batches: int,
+                      balanced: bool = False):
         """The train stream ``train_dataset`` would give without augmentation, on features."""
-        return cached_train_dataset(*self.train, batch_size, seed, skip_batches)
+        return cached_train_dataset(*self.train, batch_size, seed, skip_batches, balanced)
 
     def val_logits(self, head_forward, variables, batch_size: int, mesh):
         """(logits, labels) of the val split from its cached features."""

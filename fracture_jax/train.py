@@ -38,6 +38,7 @@ from fracture_jax.errors import UserError
 from fracture_jax.files import write_json
 from fracture_jax.inference import make_forward, predict
 from fracture_jax.metrics import epoch_metrics
+from fracture_jax.mixing import Mixing, mix_batch
 from fracture_jax.models import builder
 from fracture_jax.models.builder import frozen_layers
 
@@ -95,7 +96,10 @@ def learning_rate_fn(config, steps_per_epoch: int, scale: float = 1.0) -> optax.
 
 
 def make_optimizer(config, lr: optax.Schedule) -> optax.GradientTransformation:
-    o = config.optimizer
+    """The optimizer of ``config.optimizer`` at rate ``lr`` (counted in updates), with
+    gradient clipping, layer-wise rates (``layer_decay``) and gradient accumulation
+    (``train.accumulate_steps``: optax.MultiSteps, one update per that many steps) when set."""
+    o, k = config.optimizer, accumulate_steps(config)
     if o.name == "adam":
         opt = optax.adam(lr)
     elif o.name == "adamw":
@@ -104,7 +108,42 @@ def make_optimizer(config, lr: optax.Schedule) -> optax.GradientTransformation:
         opt = optax.sgd(lr, momentum=o.momentum or None)
     else:
         raise UserError(f"optimizer.name={o.name!r}: use adam, adamw or sgd")
-    return optax.chain(optax.clip_by_global_norm(o.grad_clip), opt) if o.grad_clip > 0 else opt
+    if o.layer_decay != 1.0:
+        if not 0.0 < o.layer_decay <= 1.0:
+            raise UserError(f"optimizer.layer_decay={o.layer_decay}: use a factor in (0, 1]")
+        opt = optax.chain(opt, scale_by_layer(
+            builder.layer_rate_factors(config.model.name, o.layer_decay)))
+    opt = optax.chain(optax.clip_by_global_norm(o.grad_clip), opt) if o.grad_clip > 0 else opt
+    return optax.MultiSteps(opt, every_k_schedule=k) if k > 1 else opt
+
+
+def accumulate_steps(config) -> int:
+    k = config.train.accumulate_steps
+    if not isinstance(k, int) or k < 1:
+        raise UserError(f"train.accumulate_steps={k!r}: use a whole number >= 1")
+    return k
+
+
+def sampling_balanced(config) -> bool:
+    if config.data.sampling not in ("shuffled", "balanced"):
+        raise UserError(f"data.sampling={config.data.sampling!r}: use shuffled or balanced")
+    return config.data.sampling == "balanced"
+
+
+def scale_by_layer(factors: dict) -> optax.GradientTransformation:
+    """Each backbone layer's update times its factor (``factors``: layer name -> factor;
+    layers not named, and the head, keep theirs): layer-wise learning rates."""
+    def factor(path) -> float:
+        keys = [getattr(k, "key", None) for k in path]
+        if "backbone" in keys[:-1]:
+            return factors.get(keys[keys.index("backbone") + 1], 1.0)
+        return 1.0
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(lambda p, u: u * factor(p), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def bce_loss(logits, labels, pos_weight: float = 1.0, label_smoothing: float = 0.0):
@@ -117,6 +156,7 @@ def bce_loss(logits, labels, pos_weight: float = 1.0, label_smoothing: float = 0
 # ---------------------------------------------------------------- steps
 
 AUGMENT_STREAM = 0x61756720  # folded into the run's key: augmentation's own random stream
+MIX_STREAM = 0x6d697820  # and MixUp/CutMix's
 
 
 def step_images(batch_images, state_step, rng, augment: Augment | None, image_size: int | None):
@@ -140,11 +180,17 @@ def make_train_step(model, tx, mesh, frozen_names: frozenset, config,
     A step whose loss or update is not finite changes nothing but the step count, and records
     itself in ``state.bad_step``: the loop reads that when it next syncs with the device."""
     pos_weight, smoothing = config.train.pos_weight, config.train.label_smoothing
-    augment = Augment.from_config(config.data.augment)
+    augment, mixing = Augment.from_config(config.data.augment), Mixing.from_config(config.data)
 
     def step(state, batch, rng):
         images = step_images(batch["image"], state.step, rng, augment, image_size)
-        rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), lax.axis_index(parallel.AXIS))
+        device = lax.axis_index(parallel.AXIS)
+        targets = batch["label"]
+        if mixing.active:
+            key = jax.random.fold_in(jax.random.fold_in(rng, MIX_STREAM), state.step)
+            images, targets, _ = mix_batch(images, targets, jax.random.fold_in(key, device),
+                                           mixing)
+        rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), device)
         trainable, frozen = split_params(state.params, frozen_names)
 
         def loss_fn(trainable):
@@ -152,7 +198,7 @@ def make_train_step(model, tx, mesh, frozen_names: frozenset, config,
                          "batch_stats": state.batch_stats}
             logits, updates = model.apply(variables, images, train=True,
                                           mutable=["batch_stats"], rngs={"dropout": rng})
-            loss = bce_loss(logits, batch["label"], pos_weight, smoothing).mean()
+            loss = bce_loss(logits, targets, pos_weight, smoothing).mean()
             return lax.pmean(loss, parallel.AXIS), (logits, updates.get("batch_stats", {}))
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
@@ -225,8 +271,10 @@ class PhaseProgram:
 def compile_phase(config, phase: Phase, rescaling: bool, steps_per_epoch: int,
                   mesh) -> PhaseProgram:
     model = builder.classifier(config, phase.frozen, rescaling)
-    lr = learning_rate_fn(config, steps_per_epoch, phase.lr_scale)
-    tx = make_optimizer(config, lr)
+    k = accumulate_steps(config)
+    updates_lr = learning_rate_fn(config, max(1, steps_per_epoch // k), phase.lr_scale)
+    tx = make_optimizer(config, updates_lr)
+    lr = updates_lr if k == 1 else (lambda step: updates_lr(step // k))  # by step
     whole = phase.frozen == frozen_layers(config.model.name, "all")
     head = model.clone(pooled_inputs=True) if feature_cache.applies(config, whole) else None
     size = config.model.image_size
@@ -441,15 +489,16 @@ class _Trainer:
     def stream(self, program: PhaseProgram, weights):
         """The phase's train batches, continuing the stream where the phase before ended."""
         c, skip = self.config, program.phase.first_epoch * self.steps
+        balanced = sampling_balanced(c)
         if not program.cached:
             return iter(train_dataset(self.sources["train"], self.batch, c.seed,
-                                      c.data.num_workers, c.data.prefetch, skip))
+                                      c.data.num_workers, c.data.prefetch, skip, balanced))
         logging.info("phase %d trains the head on cached backbone features (backbone frozen, "
                      "no augmentation)", program.phase.index)
         if self.cache is None:  # no phase before a cached one trains the backbone
             self.cache = feature_cache.FeatureCache.compute(program.model, weights,
                                                             self.sources, c, self.mesh)
-        return iter(self.cache.train_dataset(self.batch, c.seed, skip))
+        return iter(self.cache.train_dataset(self.batch, c.seed, skip, balanced))
 
     def meta(self, loop: LoopState) -> dict:
         return dict(dataclasses.asdict(loop), config=self.config.to_dict(),

@@ -77,12 +77,38 @@ class _ProcessRows:
         return self.stream[batch * self.global_batch + self.process * self.local + row]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Take:
+    """Element ``i`` of a subset of ``ds``: ``ds[indices[i]]``."""
+    ds: grain.MapDataset
+    indices: np.ndarray
+
+    def __call__(self, i):
+        return self.ds[int(self.indices[i])]
+
+
+def _balanced(ds: grain.MapDataset, labels: np.ndarray, seed: int) -> grain.MapDataset:
+    """Each class's examples in an endless stream of its own, shuffled anew each time round,
+    the two interleaved half and half (grain's mix): every batch holds both classes equally."""
+    from fracture_jax.errors import UserError
+    streams = []
+    for c in (0, 1):
+        members = np.flatnonzero(np.asarray(labels) == c)
+        if not len(members):
+            raise UserError("data.sampling=balanced needs images of both classes in train/")
+        streams.append(grain.MapDataset.range(len(members)).map(_Take(ds, members))
+                       .seed(seed + c).shuffle().repeat())
+    return grain.MapDataset.mix(streams, [0.5, 0.5])
+
+
 def _train_stream(ds: grain.MapDataset, transform, seed: int, batch_size: int,
-                  skip_batches: int) -> grain.MapDataset:
+                  skip_batches: int, balanced_labels=None) -> grain.MapDataset:
     """This process's rows of an endless stream of global batches of ``batch_size``: ``ds``
-    shuffled anew each epoch and ``transform``-ed, from batch ``skip_batches`` on. Every
-    process count sees the same global batches (a process takes its own block of rows)."""
-    stream = ds.seed(seed).shuffle().repeat().map(transform)
+    shuffled anew each epoch (or drawn class-balanced, given the labels) and
+    ``transform``-ed, from batch ``skip_batches`` on. Every process count sees the same global
+    batches (a process takes its own block of rows)."""
+    stream = (ds.seed(seed).shuffle().repeat() if balanced_labels is None
+              else _balanced(ds, balanced_labels, seed)).map(transform)
     local, count = batch_size // jax.process_count(), jax.process_count()
     if count > 1:
         rows = _ProcessRows(stream, batch_size, local, jax.process_index())
@@ -95,16 +121,17 @@ def _train_example(example):
 
 
 def train_dataset(source, batch_size: int, seed: int, num_workers: int = 0, prefetch: int = 2,
-                  skip_batches: int = 0) -> grain.IterDataset:
+                  skip_batches: int = 0, balanced: bool = False) -> grain.IterDataset:
     """Endless shuffled batches of ``batch_size // process_count`` stored uint8 images (a
     decoded source: augmentation happens on the device, in the step).
 
     Each epoch is shuffled anew from ``seed`` and the position in the stream, so the stream is
     the same in every run and its iterator state can be saved. ``skip_batches`` starts it later
-    (a training phase continues where the one before ended).
+    (a training phase continues where the one before ended). ``balanced``: each batch half
+    fractured, half not (``data.sampling=balanced``).
     """
     ds = _train_stream(grain.MapDataset.source(source), _train_example, seed, batch_size,
-                       skip_batches)
+                       skip_batches, source.labels if balanced else None)
     return _iterate(ds, num_workers, prefetch)
 
 
@@ -118,11 +145,11 @@ class _CachedExample:
 
 
 def cached_train_dataset(features: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
-                         skip_batches: int = 0) -> grain.IterDataset:
+                         skip_batches: int = 0, balanced: bool = False) -> grain.IterDataset:
     """``train_dataset``'s stream without augmentation, example for example in the same order,
     with each example's precomputed backbone features (a row of ``features``) as its "image"."""
     ds = _train_stream(grain.MapDataset.range(len(features)), _CachedExample(features, labels),
-                       seed, batch_size, skip_batches)
+                       seed, batch_size, skip_batches, labels if balanced else None)
     return ds.to_iter_dataset()
 
 

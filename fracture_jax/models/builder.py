@@ -2,6 +2,8 @@
 (random, with the pretrained backbone merged in). Train, evaluate, predict, export and the
 feature cache all build through here."""
 
+import re
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -29,6 +31,27 @@ def frozen_layers(model: str, freeze) -> frozenset:
     except ValueError:
         raise UserError(f"train.freeze={freeze!r}: use none, all, or a number of layers") from None
     return frozenset(layers[:max(0, n)])
+
+
+_BLOCK = re.compile(r"^(conv\d+_block\d+|block\d+[a-z]?|conv\d+|stem|top)(_|$)")
+
+
+def layer_groups(model: str) -> dict[str, tuple[str, ...]]:
+    """The backbone's layers in Keras' order, grouped by block (EfficientNet's block2a, ResNet's
+    conv3_block1, VGG's block3, the stem, the top): the units of layer-wise learning rates."""
+    groups = {}
+    for name in backbone_layers(get_spec(model).name):
+        found = _BLOCK.match(name)
+        groups.setdefault(found.group(1) if found else name, []).append(name)
+    return {k: tuple(v) for k, v in groups.items()}
+
+
+def layer_rate_factors(model: str, decay: float) -> dict[str, float]:
+    """Each backbone layer's learning-rate factor under layer-wise decay: the head 1 (not
+    listed), the last block ``decay``, the one before it ``decay**2``, ... the first
+    ``decay**len(groups)``."""
+    groups = list(layer_groups(model).values())
+    return {name: decay ** (len(groups) - g) for g, names in enumerate(groups) for name in names}
 
 
 def classifier(config, frozen: frozenset = frozenset(), imagenet_rescaling: bool = False):

@@ -1,0 +1,149 @@
+"""The fine-tuning tools, each against a direct computation: gradient accumulation equals the
+large batch, layer-wise rates equal the configured ratios, MixUp/CutMix mix images and targets
+by the same weight, balanced sampling gives equal class counts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fracture_jax.data.pipeline import train_dataset
+from fracture_jax.errors import UserError
+from fracture_jax.mixing import Mixing, mix_batch
+from fracture_jax.models.builder import frozen_layers, initial_variables
+from fracture_jax.train import make_optimizer, split_params
+from test_train import NO_AUGMENTATION, _batches, run_steps, tiny_config
+
+
+def _joined(a, b):
+    return {k: np.concatenate([a[k], b[k]]) for k in a}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_accumulated_small_batches_equal_the_large_batch(optimizer):
+    """BatchNorm frozen (the backbone wholly frozen, the head trained): two accumulated
+    batches of 8 make the update one batch of 16 makes, step after step."""
+    small = _batches(4, batch=8, seed=3)
+    large = [_joined(small[0], small[1]), _joined(small[2], small[3])]
+    frozen = frozen_layers("smallcnn", "all")
+    common = {**NO_AUGMENTATION, "optimizer.name": optimizer, "optimizer.lr": 0.05,
+              "train.cache_features": "off"}  # the images themselves through the step
+    _, accumulated = run_steps(tiny_config(**common, **{"train.accumulate_steps": 2}),
+                               jax.devices()[:2], frozen, small, steps=4)
+    _, at_once = run_steps(tiny_config(**common, **{"train.batch_size": 16}),
+                           jax.devices()[:2], frozen, large, steps=2)
+    initial, _ = run_steps(tiny_config(**common), jax.devices()[:1], frozen, small, steps=0)
+    moved = False
+    for a, b, c in zip(jax.tree.leaves(accumulated.params), jax.tree.leaves(at_once.params),
+                       jax.tree.leaves(initial["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        moved |= not np.allclose(a, c)
+    assert moved  # (the head did train)
+
+
+def test_accumulation_steps_must_be_a_whole_number():
+    with pytest.raises(UserError, match="accumulate_steps"):
+        make_optimizer(tiny_config(**{"train.accumulate_steps": 0}), 0.1)
+
+
+def test_layer_wise_rates_equal_the_configured_ratios():
+    """Plain SGD, a gradient of ones: each layer's update is -lr times its factor: the head 1,
+    VGG-style blockN of the small CNN's four blocks decay**(5 - N); frozen layers excluded."""
+    config = tiny_config(**{"optimizer.momentum": 0.0, "optimizer.lr": 0.1,
+                            "optimizer.layer_decay": 0.5})
+    variables, _ = initial_variables(config, jax.random.key(0))
+    trainable, _ = split_params(variables["params"], frozenset({"block1_conv1", "block1_bn1"}))
+    tx = make_optimizer(config, 0.1)
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, trainable), tx.init(trainable), trainable)
+    seen = set()
+    for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
+        keys = [k.key for k in path]
+        factor = 0.5 ** (5 - int(keys[1][5])) if keys[0] == "backbone" else 1.0
+        np.testing.assert_allclose(np.asarray(u), -0.1 * factor, rtol=1e-6)
+        seen.add(keys[1] if keys[0] == "backbone" else keys[0])
+    assert "block1_conv1" not in seen and {"block1_conv2", "block4_bn2", "fracture_logit"} <= seen
+
+
+def _images(n=6, size=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return (jnp.asarray(rng.uniform(0, 255, (n, size, size, 3)), jnp.float32),
+            jnp.asarray([1, 0, 0, 1, 1, 0], jnp.int32)[:n])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mixup_blends_images_and_targets_by_one_weight(seed):
+    x, y = _images()
+    mixed, targets, lam = mix_batch(x, y, jax.random.key(seed), Mixing(mixup_alpha=0.4))
+    lam = float(lam)
+    assert 0.0 <= lam <= 1.0
+    np.testing.assert_allclose(mixed, lam * x + (1 - lam) * x[::-1], rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(targets, lam * y + (1 - lam) * y[::-1], rtol=1e-6)
+    again = mix_batch(x, y, jax.random.key(seed), Mixing(mixup_alpha=0.4))
+    np.testing.assert_array_equal(again[0], mixed)  # deterministic from the key
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cutmix_pastes_a_box_whose_share_is_the_target_weight(seed):
+    x, y = _images()
+    mixed, targets, lam = mix_batch(x, y, jax.random.key(seed), Mixing(cutmix_alpha=1.0))
+    from_partner = np.all(np.asarray(mixed) == np.asarray(x[::-1]), axis=-1)
+    from_self = np.all(np.asarray(mixed) == np.asarray(x), axis=-1)
+    assert np.all(from_partner | from_self)
+    box = from_partner[0] & ~from_self[0]
+    share = box.mean()
+    assert np.all(from_partner[:, box])  # one box, the same in every image
+    rows, cols = np.nonzero(box)
+    if len(rows):
+        assert box[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()  # a rectangle
+    np.testing.assert_allclose(float(lam), 1 - share, atol=1e-6)
+    np.testing.assert_allclose(targets, lam * y + (1 - lam) * y[::-1], rtol=1e-6)
+
+
+def test_mixing_off_or_unlucky_changes_nothing():
+    x, y = _images()
+    for mixing in (Mixing(mixup_alpha=0.4, prob=0.0), Mixing()):
+        mixed, targets, lam = mix_batch(x, y, jax.random.key(0), mixing)
+        np.testing.assert_array_equal(mixed, x)
+        np.testing.assert_array_equal(targets, y.astype(np.float32))
+        assert float(lam) == 1.0
+
+
+def test_a_train_step_with_mixup_and_cutmix_trains():
+    config = tiny_config(**NO_AUGMENTATION, **{"data.mixup_alpha": 0.4, "data.cutmix_alpha": 1.0})
+    initial, state = run_steps(config, jax.devices()[:2], frozenset(), _batches(3))
+    assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(state.params))
+    assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(initial["params"]),
+                                                      jax.tree.leaves(state.params)))
+
+
+class _Labelled:
+    """A minimal decoded source: 20 not-fractured images and 4 fractured ones."""
+
+    labels = np.array([0] * 20 + [1] * 4)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"image": np.full((4, 4, 3), i, np.uint8), "label": self.labels[i]}
+
+
+def test_balanced_sampling_gives_every_batch_equal_class_counts():
+    """Over 60 seeded batches from a 5:1 train split: 4 and 4 in each, every example drawn;
+    the stream resumes from its saved state."""
+    it = iter(train_dataset(_Labelled(), 8, seed=5, balanced=True))
+    batches = [next(it) for _ in range(60)]
+    for b in batches:
+        assert (b["label"] == 1).sum() == 4 and (b["label"] == 0).sum() == 4
+    drawn = {int(v) for b in batches for v in b["image"][:, 0, 0, 0]}
+    assert drawn == set(range(24))
+    again = iter(train_dataset(_Labelled(), 8, seed=5, balanced=True))
+    for _ in range(10):
+        next(again)
+    state = again.get_state()
+    expected = [next(again)["image"] for _ in range(3)]
+    resumed = iter(train_dataset(_Labelled(), 8, seed=5, balanced=True))
+    resumed.set_state(state)
+    for e in expected:
+        np.testing.assert_array_equal(next(resumed)["image"], e)
+    np.testing.assert_array_equal(batches[10]["image"], expected[0])
