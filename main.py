@@ -21,10 +21,12 @@ config_flags.DEFINE_config_file(
     "are in configs/default.py; override any with --config.<key>=<value> (e.g. "
     "--config.optimizer.lr=3e-4); --mode=config prints the result.", lock_config=True)
 flags.DEFINE_string("workdir", "runs/default", "Where checkpoints, logs and reports go.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export", "inspect", "config"],
+flags.DEFINE_enum("mode", "train",
+                  ["train", "eval", "predict", "export", "inspect", "lr_find", "config"],
                   "train (then eval), eval (score the best checkpoint and write the report), "
                   "predict (--images), export (.keras, .h5, .onnx), inspect (the data folder), "
-                  "config (print the resolved config and exit).")
+                  "lr_find (the learning-rate range test), config (print the resolved config "
+                  "and exit).")
 flags.DEFINE_string("images", None, "predict: an image file, a folder or a glob.")
 flags.DEFINE_enum("distributed", "off", ["off", "auto"],
                   "auto: join a multi-process run that JAX detects (TPU slice, SLURM, Open MPI, "

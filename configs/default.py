@@ -74,6 +74,13 @@ def get_config() -> ml_collections.ConfigDict:
     # features computed once. auto: where that changes nothing; force: also EfficientNet, whose
     # drop-connect then stays off in training; off
 
+    c.lr_find = f = ml_collections.ConfigDict()  # --mode=lr_find: the learning-rate range test
+    f.min_lr = 1e-7  # the sweep's first rate
+    f.max_lr = 1.0  # and its last
+    f.steps = 100  # steps of the sweep (it stops early once the loss blows up)
+    f.smoothing = 0.9  # exponential smoothing of the loss
+    f.stop_factor = 4.0  # stop once the smoothed loss is this many times its minimum
+
     c.eval = e = ml_collections.ConfigDict()
     e.after_train = True  # --mode=train ends with --mode=eval's report
     e.batch_size = 64  # global eval batch (rounded up to a multiple of the device count)

@@ -52,12 +52,15 @@ def _run(config, workdir: str, mode: str, images: str | None):
         from fracture_jax.export import export_run
         if jax.process_index() == 0:  # files from one process (the others have nothing to do)
             export_run(config, workdir)
+    elif mode == "lr_find":
+        from fracture_jax.lr_find import lr_find
+        lr_find(config, workdir)
     elif mode == "inspect":
         from fracture_jax.data.inspect import inspect_dataset
         inspect_dataset(config, workdir)
     else:
-        raise UserError(f"--mode={mode} is unknown; use train, eval, predict, export, inspect "
-                        "or config")
+        raise UserError(f"--mode={mode} is unknown; use train, eval, predict, export, inspect, "
+                        "lr_find or config")
 
 
 class _QuietLibraries:

@@ -98,3 +98,16 @@ def image_grid(images, captions: list[str], path: str, heat=None, cols: int = 4,
             ax.imshow(np.asarray(heat[k]), cmap="jet", alpha=0.4, vmin=0, vmax=1)
         ax.set_title(captions[k], fontsize=9, color=colors[k] if colors else "black")
     return _save(fig, path)
+
+
+def lr_find_plot(lrs, losses, smoothed, suggested: float, path: str) -> str:
+    """The learning-rate range test: loss against rate (log scale), the suggestion marked."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.plot(lrs, losses, ".", alpha=0.4, label="loss")
+    ax.plot(lrs, smoothed, "-", label="smoothed")
+    ax.axvline(suggested, color="red", linestyle="--", label=f"suggested {suggested:.2e}")
+    ax.set(xscale="log", xlabel="learning rate", ylabel="train loss",
+           title="learning-rate range test")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)

@@ -1,6 +1,9 @@
 """The fine-tuning tools, each against a direct computation: gradient accumulation equals the
 large batch, layer-wise rates equal the configured ratios, MixUp/CutMix mix images and targets
-by the same weight, balanced sampling gives equal class counts."""
+by the same weight, balanced sampling gives equal class counts, the learning-rate range test
+suggests a rate of its sweep."""
+
+import json
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +12,7 @@ import pytest
 
 from fracture_jax.data.pipeline import train_dataset
 from fracture_jax.errors import UserError
+from fracture_jax.lr_find import lr_find, suggestion
 from fracture_jax.mixing import Mixing, mix_batch
 from fracture_jax.models.builder import frozen_layers, initial_variables
 from fracture_jax.train import make_optimizer, split_params
@@ -147,3 +151,24 @@ def test_balanced_sampling_gives_every_batch_equal_class_counts():
     for e in expected:
         np.testing.assert_array_equal(next(resumed)["image"], e)
     np.testing.assert_array_equal(batches[10]["image"], expected[0])
+
+
+def test_the_suggestion_is_the_steepest_fall_before_the_minimum():
+    lrs = np.logspace(-6, 0, 13)
+    smoothed = np.array([1.0, 1.0, 0.99, 0.95, 0.8, 0.5, 0.4, 0.35, 0.33, 0.34, 0.6, 2.0, 9.0])
+    slope = np.gradient(smoothed[:9], np.log(lrs[:9]))
+    assert suggestion(lrs, smoothed) == lrs[int(np.argmin(slope))] == lrs[4]  # -0.45 per 2 steps
+
+
+def test_lr_range_test_suggests_a_rate_inside_its_sweep(phantom_root, tmp_path):
+    config = tiny_config(**{"data.root": str(phantom_root), "data.num_workers": 0,
+                            "lr_find.steps": 24, "lr_find.min_lr": 1e-5, "lr_find.max_lr": 10.0})
+    result = lr_find(config, str(tmp_path))
+    lrs = np.asarray(result["lr"])
+    assert 3 <= len(lrs) <= 24 and lrs[0] == pytest.approx(1e-5)
+    np.testing.assert_allclose(np.diff(np.log(lrs)), np.log(1e6) / 23, rtol=1e-6)
+    assert result["suggested_lr"] in result["lr"]
+    assert (tmp_path / "lr_find" / "lr_find.png").stat().st_size > 0
+    assert json.loads((tmp_path / "lr_find" / "lr_find.json").read_text())["suggested_lr"] == \
+        result["suggested_lr"]
+    assert not (tmp_path / "checkpoints").exists()
