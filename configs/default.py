@@ -60,6 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
     t.head_epochs = 0  # two-phase recipe: epochs with the backbone frozen before unfreezing
     t.unfreeze_lr_scale = 0.1  # learning-rate factor after unfreezing
     t.accumulate_steps = 1  # gradient accumulation: one update per this many batches
+    t.ema_decay = 0.0  # EMA of the weights (0: off; e.g. 0.999): validated, kept and exported
+    t.ema_warmup = True  # EMA decay min(ema_decay, (1 + step) / (10 + step)), as timm warms up
     t.pos_weight = 1.0  # weight of the fractured class in the loss (imbalance)
     t.label_smoothing = 0.0  # binary label smoothing
     t.early_stop_metric = "val_auroc"  # watched by early stopping and the best checkpoint

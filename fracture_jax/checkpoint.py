@@ -34,6 +34,13 @@ def _handlers() -> dict:
             "data": grain.checkpoint.CheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
 
 
+def _has(tree, key: str) -> bool:
+    try:
+        return bool(jax.tree.leaves(tree[key]))
+    except (KeyError, TypeError):
+        return False
+
+
 def _restore(target, partial: bool = False) -> ocp.args.PyTreeRestore:
     """Restore into ``target``'s shapes, dtypes and shardings (only its keys when ``partial``)."""
     return ocp.args.PyTreeRestore(target, ocp.checkpoint_utils.construct_restore_args(target),
@@ -97,13 +104,16 @@ class RunCheckpoints:
             return None
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         saved = self.best.item_metadata(step)["state"]
-        kept = ("step", "params", "batch_stats")
+        # with EMA on, the EMA is the model the run validated: its weights are the best's
+        kept = ("step", "ema") if _has(saved, "ema") else ("step", "params", "batch_stats")
         target = {k: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                                   saved[k]) for k in kept}
         items = {"state": _restore(target, partial=True)} | (
             {"meta": ocp.args.JsonRestore()} if with_meta else {})
         raw = self.best.restore(step, args=ocp.args.Composite(**items))
-        return (raw.state, raw.meta) if with_meta else raw.state
+        weights = {"step": raw.state["step"], **raw.state.get("ema", raw.state)}
+        weights = {k: weights[k] for k in ("step", "params", "batch_stats")}
+        return (weights, raw.meta) if with_meta else weights
 
     def latest_meta(self) -> dict | None:
         """The JSON metadata of the newest checkpoint, without restoring its arrays."""

@@ -51,15 +51,39 @@ class TrainState:
     opt_state: Any  # over the trainable parameters only
     bad_step: jax.Array  # the first step whose loss or update was not finite (0: none)
     bad_loss: jax.Array  # that step's loss
+    ema: Any = None  # the weights' exponential moving average ({params, batch_stats}), if on
 
     @classmethod
-    def create(cls, params, batch_stats, opt_state) -> "TrainState":
+    def create(cls, params, batch_stats, opt_state, ema: bool = False) -> "TrainState":
         return cls(jnp.zeros((), jnp.int32), params, batch_stats, opt_state,
-                   jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
+                   jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32),
+                   {"params": params, "batch_stats": batch_stats} if ema else None)
 
     @property
     def variables(self) -> dict:
         return {"params": self.params, "batch_stats": self.batch_stats}
+
+    @property
+    def eval_variables(self) -> dict:
+        """What validation, the best checkpoint and every later use score: the EMA when on."""
+        return self.ema if self.ema is not None else self.variables
+
+
+def ema_rate(config, step) -> jax.Array:
+    """The EMA's decay at ``step`` (1, 2, ...): ``train.ema_decay``, with timm's warmup
+    ``min(decay, (1 + step) / (10 + step))`` when ``train.ema_warmup``."""
+    decay = jnp.float32(config.train.ema_decay)
+    if config.train.ema_warmup:
+        step = jnp.asarray(step, jnp.float32)
+        decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return decay
+
+
+def ema_on(config) -> bool:
+    d = config.train.ema_decay
+    if not 0.0 <= d < 1.0:
+        raise UserError(f"train.ema_decay={d}: use 0 (off) or a decay in (0, 1), e.g. 0.999")
+    return d > 0.0
 
 
 # ---------------------------------------------------------------- freezing
@@ -215,6 +239,10 @@ def make_train_step(model, tx, mesh, frozen_names: frozenset, config,
                             opt_state=kept[2],
                             bad_step=jnp.where(first_bad, state.step + 1, state.bad_step),
                             bad_loss=jnp.where(first_bad, loss, state.bad_loss))
+        if state.ema is not None:  # after a step that was not applied, the EMA stays too
+            d = jnp.where(finite, ema_rate(config, new.step), 1.0)
+            new = new.replace(ema=jax.tree.map(lambda e, v: d * e + (1.0 - d) * v, state.ema,
+                                               new.variables))
         return new, loss, logits
 
     sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(parallel.AXIS), P()),
@@ -473,7 +501,8 @@ class _Trainer:
         loop = LoopState() if meta is None else LoopState.from_meta(meta)
         program = self.compile(self.plan[loop.phase])
         state = TrainState.create(self.variables["params"], self.variables.get("batch_stats", {}),
-                                  program.init_opt_state(self.variables["params"]))
+                                  program.init_opt_state(self.variables["params"]),
+                                  ema_on(self.config))
         outputs = TrainOutputs.empty(self.steps * self.batch)
         batches = self.stream(program, state.variables)  # a cached phase's backbone: initial
         if meta is not None:
@@ -591,8 +620,8 @@ class _Trainer:
         metrics = {"epoch": loop.epoch + 1, "lr": float(program.lr(step - 1))}
         metrics |= outputs.metrics()
         if program.cached:
-            val = self.cache.val_logits(program.head_forward, state.variables, self.batch,
-                                        self.mesh)
+            val = self.cache.val_logits(program.head_forward, state.eval_variables,
+                                        self.batch, self.mesh)
         else:
             val = self.predict(program, state, self.sources["val"])
         metrics |= epoch_metrics(*val, "val")
@@ -612,7 +641,7 @@ class _Trainer:
 
     def predict(self, program, state, source):
         c = self.config
-        return predict(program.forward, state.variables, source, self.batch, self.mesh,
+        return predict(program.forward, state.eval_variables, source, self.batch, self.mesh,
                        c.data.num_workers, c.data.prefetch)
 
     def finish(self, loop: LoopState, state, program):
@@ -622,7 +651,8 @@ class _Trainer:
                          self.config.train.patience)
         best = self.ckpt.restore_best_weights()
         if best is not None:
-            state = parallel.replicate(jax.device_get(state).replace(**best), self.mesh)
+            # (with EMA on, the best checkpoint's weights are its EMA: scored as they are)
+            state = parallel.replicate(jax.device_get(state).replace(**best, ema=None), self.mesh)
             logging.info("restored the best state (%s %.4f, step %d)", self.metric, loop.best,
                          int(state.step))
         final = {split: epoch_metrics(*self.predict(program, state, source), split)

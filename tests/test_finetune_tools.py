@@ -8,14 +8,18 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
+from fracture_jax import parallel
+from fracture_jax.checkpoint import load_best
 from fracture_jax.data.pipeline import train_dataset
 from fracture_jax.errors import UserError
 from fracture_jax.lr_find import lr_find, suggestion
 from fracture_jax.mixing import Mixing, mix_batch
 from fracture_jax.models.builder import frozen_layers, initial_variables
-from fracture_jax.train import make_optimizer, split_params
+from fracture_jax.train import (Phase, TrainState, compile_phase, make_optimizer, split_params,
+                                train_and_evaluate)
 from test_train import NO_AUGMENTATION, _batches, run_steps, tiny_config
 
 
@@ -172,3 +176,45 @@ def test_lr_range_test_suggests_a_rate_inside_its_sweep(phantom_root, tmp_path):
     assert json.loads((tmp_path / "lr_find" / "lr_find.json").read_text())["suggested_lr"] == \
         result["suggested_lr"]
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_ema_equals_the_formula_after_each_step():
+    """ema_t = d_t ema_(t-1) + (1 - d_t) w_t with d_t = min(decay, (1 + t) / (10 + t)), over
+    the parameters and the BatchNorm statistics, from ema_0 = w_0."""
+    config = tiny_config(**NO_AUGMENTATION, **{"train.ema_decay": 0.8})
+    mesh = parallel.make_mesh(jax.devices()[:2])
+    variables, _ = initial_variables(config, jax.random.key(0))
+    program = compile_phase(config, Phase(0, 0, frozenset(), 1.0), False, 10, mesh)
+    state = parallel.replicate(TrainState.create(variables["params"], variables["batch_stats"],
+                                                 program.init_opt_state(variables["params"]),
+                                                 ema=True), mesh)
+    expected = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    for t, batch in enumerate(_batches(4), start=1):
+        state, _, _ = program.train_step(state, parallel.shard_batch(batch, mesh),
+                                         jax.random.key(1))
+        host = jax.device_get(state)
+        d = min(0.8, (1 + t) / (10 + t))
+        expected = jax.tree.map(lambda e, w: d * np.asarray(e) + (1 - d) * np.asarray(w),
+                                expected, host.variables)
+        for a, b in zip(jax.tree.leaves(host.ema), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(host.ema["params"]),
+                                                      jax.tree.leaves(host.params)))
+
+
+def test_with_ema_the_best_checkpoint_serves_the_ema_weights(phantom_root, tmp_path):
+    """Validation scores the EMA; what eval, predict and export load is the best epoch's EMA,
+    not its raw weights."""
+    config = tiny_config(**{"data.root": str(phantom_root), "data.num_workers": 0,
+                            "train.epochs": 2, "train.ema_decay": 0.9, "eval.after_train": False})
+    train_and_evaluate(config, str(tmp_path))
+    weights, _ = load_best(str(tmp_path))
+    manager = ocp.CheckpointManager(tmp_path / "checkpoints" / "best")
+    raw = manager.restore(manager.latest_step(),
+                          args=ocp.args.Composite(state=ocp.args.PyTreeRestore())).state
+    manager.close()
+    for a, b in zip(jax.tree.leaves(weights["params"]), jax.tree.leaves(raw["ema"]["params"]),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+                   zip(jax.tree.leaves(weights["params"]), jax.tree.leaves(raw["params"])))
