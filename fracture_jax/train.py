@@ -487,6 +487,9 @@ class _Trainer:
         self.ckpt = RunCheckpoints(workdir, self.metric, "min" if self.minimise else "max")
         self.cache = None
         self.writer = _tensorboard(workdir)
+        decay = config.optimizer.layer_decay
+        self.group_rates = ({} if decay == 1.0
+                            else builder.group_rate_factors(config.model.name, decay))
 
     def start(self):
         """(loop, state, outputs, program, train batches): from the latest checkpoint if any."""
@@ -564,6 +567,8 @@ class _Trainer:
                 if self.writer:
                     self.writer.add_scalar("train/loss_step", value, step)
                     self.writer.add_scalar("train/lr", lr, step)
+                    for group, factor in self.group_rates.items():
+                        self.writer.add_scalar(f"lr_by_block/{group}", lr * factor, step)
             if saves_in == 0 and i + 1 < self.steps:
                 self.check(state)
                 self.ckpt.save_latest(step, state, outputs.arrays(), batches, self.meta(loop))

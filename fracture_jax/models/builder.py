@@ -46,12 +46,18 @@ def layer_groups(model: str) -> dict[str, tuple[str, ...]]:
     return {k: tuple(v) for k, v in groups.items()}
 
 
+def group_rate_factors(model: str, decay: float) -> dict[str, float]:
+    """Each block's learning-rate factor under layer-wise decay: the last ``decay``, the one
+    before it ``decay**2``, ... the first ``decay**len(groups)`` (the head keeps 1)."""
+    groups = list(layer_groups(model))
+    return {group: decay ** (len(groups) - g) for g, group in enumerate(groups)}
+
+
 def layer_rate_factors(model: str, decay: float) -> dict[str, float]:
-    """Each backbone layer's learning-rate factor under layer-wise decay: the head 1 (not
-    listed), the last block ``decay``, the one before it ``decay**2``, ... the first
-    ``decay**len(groups)``."""
-    groups = list(layer_groups(model).values())
-    return {name: decay ** (len(groups) - g) for g, names in enumerate(groups) for name in names}
+    """``group_rate_factors`` for each backbone layer by name."""
+    factors = group_rate_factors(model, decay)
+    return {name: factors[group] for group, names in layer_groups(model).items()
+            for name in names}
 
 
 def classifier(config, frozen: frozenset = frozenset(), imagenet_rescaling: bool = False):
