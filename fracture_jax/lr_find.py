@@ -26,9 +26,12 @@ from fracture_jax.train import (TrainState, accumulate_steps, make_optimizer, ma
 
 
 def suggestion(lrs, smoothed) -> float:
-    """The rate where the smoothed loss falls fastest against log(rate), before its minimum."""
+    """The rate where the smoothed loss falls fastest against log(rate), before its minimum
+    (anywhere in the sweep when the minimum comes in its first three steps)."""
     lrs, smoothed = np.asarray(lrs), np.asarray(smoothed)
     end = int(np.argmin(smoothed)) + 1
+    if end < 3:
+        end = len(smoothed)
     if end < 3:
         return float(lrs[0])
     slope = np.gradient(smoothed[:end], np.log(lrs[:end]))

@@ -218,3 +218,10 @@ def test_with_ema_the_best_checkpoint_serves_the_ema_weights(phantom_root, tmp_p
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
                    zip(jax.tree.leaves(weights["params"]), jax.tree.leaves(raw["params"])))
+
+
+def test_with_no_fall_before_the_minimum_the_suggestion_is_the_steepest_anywhere():
+    lrs = np.logspace(-6, 0, 7)
+    smoothed = np.array([0.60, 0.70, 0.71, 0.69, 0.65, 0.90, 3.0])  # lowest at the start
+    assert suggestion(lrs, smoothed) == lrs[int(np.argmin(np.gradient(smoothed, np.log(lrs))))]
+    assert suggestion(lrs, smoothed) == lrs[3]
