@@ -27,15 +27,17 @@ from fracture_jax.train import (TrainState, accumulate_steps, make_optimizer, ma
 
 def suggestion(lrs, smoothed) -> float:
     """The rate where the smoothed loss falls fastest against log(rate), before its minimum
-    (anywhere in the sweep when the minimum comes in its first three steps)."""
+    (anywhere in the sweep when the minimum comes in its first three steps), the sweep's
+    first tenth left out as fastai does (the smoothing has not settled there)."""
     lrs, smoothed = np.asarray(lrs), np.asarray(smoothed)
     end = int(np.argmin(smoothed)) + 1
     if end < 3:
         end = len(smoothed)
-    if end < 3:
+    start = max(1, len(smoothed) // 10)
+    if end - start < 2:
         return float(lrs[0])
     slope = np.gradient(smoothed[:end], np.log(lrs[:end]))
-    return float(lrs[int(np.argmin(slope))])
+    return float(lrs[start + int(np.argmin(slope[start:]))])
 
 
 def lr_find(config, workdir: str) -> dict:

@@ -161,7 +161,7 @@ def test_the_suggestion_is_the_steepest_fall_before_the_minimum():
     lrs = np.logspace(-6, 0, 13)
     smoothed = np.array([1.0, 1.0, 0.99, 0.95, 0.8, 0.5, 0.4, 0.35, 0.33, 0.34, 0.6, 2.0, 9.0])
     slope = np.gradient(smoothed[:9], np.log(lrs[:9]))
-    assert suggestion(lrs, smoothed) == lrs[int(np.argmin(slope))] == lrs[4]  # -0.45 per 2 steps
+    assert suggestion(lrs, smoothed) == lrs[1 + int(np.argmin(slope[1:]))] == lrs[4]  # -0.45 / 2
 
 
 def test_lr_range_test_suggests_a_rate_inside_its_sweep(phantom_root, tmp_path):
@@ -223,5 +223,5 @@ def test_with_ema_the_best_checkpoint_serves_the_ema_weights(phantom_root, tmp_p
 def test_with_no_fall_before_the_minimum_the_suggestion_is_the_steepest_anywhere():
     lrs = np.logspace(-6, 0, 7)
     smoothed = np.array([0.60, 0.70, 0.71, 0.69, 0.65, 0.90, 3.0])  # lowest at the start
-    assert suggestion(lrs, smoothed) == lrs[int(np.argmin(np.gradient(smoothed, np.log(lrs))))]
+    assert suggestion(lrs, smoothed) == lrs[1 + int(np.argmin(np.gradient(smoothed, np.log(lrs))[1:]))]
     assert suggestion(lrs, smoothed) == lrs[3]
