@@ -6,7 +6,7 @@ run's ``eval/metrics.json``, and the learning-rate range test's suggestion. A me
 one data set and seed, not a claim that any tool helps.
 
     python benchmarks/finetune_ablation.py [--data /path/to/folder] [--out /tmp/ablation]
-        [--model smallcnn --size 64 --epochs 3]
+        [--config configs/demo.py --model smallcnn --size 96 --epochs 4 --per-class 1000]
 
 Without ``--data`` it generates the phantom set (``--per-class`` images a class).
 """
@@ -53,10 +53,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--data", default="")
     p.add_argument("--out", default="/tmp/fracture_jax_ablation")
+    p.add_argument("--config", default="configs/demo.py", help="the plain recipe")
     p.add_argument("--model", default="smallcnn")
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--per-class", type=int, default=300)
+    p.add_argument("--size", type=int, default=96)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--per-class", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", default=",".join(VARIANTS))
     a = p.parse_args()
@@ -65,13 +66,12 @@ def main():
             ["--config.data.synthetic=True", f"--config.data.root={out / 'phantoms'}",
              f"--config.data.synthetic_per_class={a.per_class}",
              f"--config.data.synthetic_size={a.size + a.size // 2}"])
-    common = ["--config=" + str(ROOT / "configs/default.py"), *data,
+    common = ["--config=" + str(ROOT / a.config), *data,
               f"--config.data.prepared_dir={out / 'prepared'}", "--config.data.num_workers=0",
               f"--config.model.name={a.model}", f"--config.model.image_size={a.size}",
-              "--config.model.pretrained=None", "--config.model.dropout=0.0",
-              "--config.optimizer.lr=1e-3", f"--config.train.epochs={a.epochs}",
-              "--config.train.patience=99", "--config.train.allow_chance=True",
-              "--config.eval.bootstrap=500", f"--config.seed={a.seed}"]
+              f"--config.train.epochs={a.epochs}", "--config.train.patience=99",
+              "--config.train.allow_chance=True", "--config.eval.bootstrap=500",
+              f"--config.seed={a.seed}"]
     print(json.dumps(run(out, "lr_find", common, ["--config.lr_find.steps=60"], "lr_find")),
           flush=True)
     for name in a.variants.split(","):
