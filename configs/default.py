@@ -93,6 +93,14 @@ def get_config() -> ml_collections.ConfigDict:
     e.ensemble = ""  # comma-separated workdirs scored with this one, probabilities averaged
     e.samples = 16  # images in the sample-prediction grid
     e.gradcam_per_group = 4  # Grad-CAM overlays per group (true pos., false pos., false neg.)
+    e.metadata = "auto"  # CSV of per-image attributes keyed by `file` (path relative to the
+    # data root) for the subgroup tables; auto: <data root>/metadata.csv if there; "": none
+    e.metadata_columns = ""  # the columns to break down (default: all but file, split, label)
+    e.shortcut_column = "hardware"  # a suspected shortcut: metrics without it beside overall
+    e.subgroup_min_class = 5  # images of a class a subgroup metric needs (fewer: too small)
+    e.boxes = "auto"  # CSV of fracture boxes (file, x_min, y_min, x_max, y_max in stored-image
+    # pixels) to score Grad-CAM against; auto: <data root>/fracture_boxes.csv if there; "": none
+    e.localization_overlays = 8  # Grad-CAM overlays with the boxes drawn in the report
     e.output_dir = ""  # where the report goes (default: <workdir>/eval, or for another data
     # folder than the run's, <workdir>/eval_<folder name>)
 

@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 
 import fracture_jax
-from fracture_jax import parallel, plots
+from fracture_jax import clinical, parallel, plots
 from fracture_jax.augment import model_input
 from fracture_jax.checkpoint import load_best
 from fracture_jax.data import dataset
@@ -240,6 +240,7 @@ def evaluate(config, workdir: str) -> dict:
     extra = [w.strip() for w in config.eval.ensemble.split(",") if w.strip()]
     members = [load_member(w) for w in [workdir] + extra]
     data = _evaluation_data(config, workdir, members)
+    clinical.check_tables(config, data.root)
     sources = data.sources
 
     member_probs, results, speed = [], {}, {}
@@ -289,6 +290,14 @@ def _publish(workdir: str, data: "EvaluationData", members: list, member_probs: 
     split = "test" if "test" in probs else "val"
     made = figures(out_dir, members[0], sources[split], probs[split][0], probs[split][1], split,
                    results[primary], config)
+    labels, p = probs[split][1], probs[split][0]
+    threshold = results[primary]["threshold"]["value"]
+    metrics |= clinical.subgroup_sections(config, data.root, split, file_names(sources[split]),
+                                          labels, p, threshold)
+    section, shown = clinical.localization_section(config, data.root, data.prepared, members[0],
+                                                   split, sources[split], labels, p, out_dir)
+    metrics |= section
+    made |= shown
     write_json(os.path.join(out_dir, "metrics.json"), metrics)
     if data.threshold is None:  # chosen now, on the run's own val
         chosen = results[members[0].name]["threshold"] | {"model": members[0].name}

@@ -7,6 +7,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
 from fracture_jax.scoring import CLASS_NAMES, reliability  # noqa: E402
@@ -85,8 +86,9 @@ def reliability_plot(labels, probs, ece: float, path: str, title: str) -> str:
 
 
 def image_grid(images, captions: list[str], path: str, heat=None, cols: int = 4,
-               colors: list[str] | None = None) -> str:
-    """Images (N, H, W, 3) 0-255 with captions; ``heat`` (N, H, W) in [0, 1] is overlaid."""
+               colors: list[str] | None = None, boxes: list | None = None) -> str:
+    """Images (N, H, W, 3) 0-255 with captions; ``heat`` (N, H, W) in [0, 1] is overlaid, and
+    ``boxes`` (per image, ``[x_min, y_min, x_max, y_max]`` in its pixels) drawn."""
     rows = max(1, math.ceil(len(images) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.25 * rows), squeeze=False)
     for k, ax in enumerate(axes.flat):
@@ -96,6 +98,9 @@ def image_grid(images, captions: list[str], path: str, heat=None, cols: int = 4,
         ax.imshow(np.clip(np.asarray(images[k]), 0, 255).astype(np.uint8))
         if heat is not None:
             ax.imshow(np.asarray(heat[k]), cmap="jet", alpha=0.4, vmin=0, vmax=1)
+        for x0, y0, x1, y1 in (boxes[k] if boxes else []):
+            ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False,
+                                   edgecolor="white", linewidth=1.5))
         ax.set_title(captions[k], fontsize=9, color=colors[k] if colors else "black")
     return _save(fig, path)
 

@@ -78,6 +78,90 @@ def class_report_table(scored: dict) -> str:
     return _table(["class", "precision", "recall", "f1-score", "support"], rows)
 
 
+SUBGROUP_METRICS = {"roc_auc": "ROC AUC", "sensitivity": "sensitivity",
+                    "specificity": "specificity"}
+
+
+def _group_cells(scored: dict) -> list[str]:
+    """n (fractured), then each subgroup metric with its interval, or why it has none; a
+    metric whose interval lies wholly below the overall value is marked."""
+    cells = [f"{scored['n']} ({scored['positives']})"]
+    for key in SUBGROUP_METRICS:
+        if key in scored["too_small"]:
+            cells.append(scored["too_small"][key])
+            continue
+        wrapped = {"metrics": scored["metrics"], "ci95": scored["ci95"]}
+        flag = " \u25bc below overall" if key in scored["below_overall"] else ""
+        cells.append(_with_ci(wrapped, key) + flag)
+    return cells
+
+
+def subgroup_section(metrics: dict) -> list[str]:
+    """The subgroup tables and the shortcut audit, when the evaluation had a metadata table."""
+    if "subgroups" not in metrics:
+        return []
+    sub = metrics["subgroups"]
+    header = ["group", "images (fractured)", *SUBGROUP_METRICS.values()]
+    parts = ["<h2>Subgroups</h2>",
+             f"<p>{_e(sub['split'])} split, operating threshold {sub['threshold']:.3f}, table "
+             f"{_e(sub['table'])}. 95% bootstrap intervals; \u25bc marks an interval wholly "
+             "below the overall value. A metric needs "
+             f"{sub['min_class']} images of each class it depends on.</p>",
+             _table(header, [["all images", *_group_cells(sub["overall"])]])]
+    for column, groups in sub["columns"].items():
+        parts += [f"<h3>{_e(column)}</h3>",
+                  _table(header, [[value, *_group_cells(g)] for value, g in groups.items()])]
+    for column, why in sub["skipped_columns"].items():
+        parts.append(f'<p class="note">column {_e(column)} left out: {_e(why)}</p>')
+    missing = sub["missing"]
+    if missing["count"]:
+        listed = ", ".join(missing["files"][:20]) + (" ..." if missing["count"] > 20 else "")
+        parts.append(f'<p class="warning">{missing["count"]} evaluated images are not in the '
+                     f"table and are in no subgroup: {_e(listed)}</p>")
+    if "shortcut" in metrics:
+        cut = metrics["shortcut"]
+        parts += [f"<h3>Shortcut audit: {_e(cut['column'])}</h3>",
+                  f"<p>The metrics on the images without {_e(cut['column'])}, beside all "
+                  "images: a model that learned the shortcut drops here.</p>",
+                  _table(header, [[f"{name} {cut['column']}" if name != "all" else
+                                   "all images", *_group_cells(cut[name])]
+                                  for name in ("all", "without", "with")])]
+    return parts
+
+
+def localization_section(metrics: dict) -> list[str]:
+    """The Grad-CAM localization table, when the evaluation had a box table."""
+    if "localization" not in metrics:
+        return []
+    loc = metrics["localization"]
+    parts = ["<h2>Localization: Grad-CAM against the fracture boxes</h2>",
+             f"<p>{loc['n']} fractured {_e(loc['split'])} images with boxes (of "
+             f"{loc['fractured']}), Grad-CAM of {_e(loc['model'])}, table {_e(loc['table'])}. "
+             "Pointing game: the map's peak inside a box. Mass: the map's share inside the "
+             "boxes. Chance: a uniform map, whose score on both is the boxes' share of the "
+             "image.</p>"]
+    if loc["n"]:
+        mean, ci = loc["mean"], loc["ci95"]
+
+        def cell(key):
+            return f"{mean[key]:.3f} [{ci[key][0]:.3f}, {ci[key][1]:.3f}]"
+
+        beats = {k: "yes" if v else "no" for k, v in loc["beats_chance"].items()}
+        parts.append(_table(["measure", "Grad-CAM", "chance (uniform map)",
+                             "difference", "beats chance"],
+                            [["pointing game", cell("pointing"), cell("chance"),
+                              cell("pointing_minus_chance"), beats["pointing"]],
+                             ["mass in boxes", cell("mass"), cell("chance"),
+                              cell("mass_minus_chance"), beats["mass"]]]))
+        if loc["empty_maps"]:
+            parts.append(f'<p class="note">{loc["empty_maps"]} maps are zero everywhere '
+                         "(counted as misses).</p>")
+    if loc["without_boxes"]["count"]:
+        parts.append(f'<p class="note">{loc["without_boxes"]["count"]} fractured images have '
+                     "no box and are left out.</p>")
+    return parts
+
+
 def _figure(title: str, path: str) -> str:
     with open(path, "rb") as f:
         data = base64.b64encode(f.read()).decode()
@@ -123,6 +207,7 @@ def write_report(path: str, metrics: dict, figures: dict, data_report, config: d
         parts += ["<h2>Ensemble members</h2>",
                   _table(["model", "threshold", f"{split} ROC AUC", "sensitivity",
                           "specificity"], rows)]
+    parts += subgroup_section(metrics) + localization_section(metrics)
     speed = [[name, s, v["images"], v["images_per_s"]] for name, sp in metrics["speed"].items()
              for s, v in sp.items()]
     parts += ["<h2>Speed</h2>", _table(["model", "split", "images", "images/s"], speed),

@@ -73,23 +73,31 @@ def all_metrics(labels, probs, threshold: float, weights=None) -> dict:
                                                                         weights)
 
 
-def bootstrap_ci(labels, probs, threshold: float, resamples: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> dict:
-    """Percentile intervals ``{metric: [low, high]}`` over ``resamples`` bootstrap resamples
-    of the examples (seeded); the threshold stays fixed, as it was chosen elsewhere."""
+def bootstrap(n: int, statistics, resamples: int = 1000, seed: int = 0,
+              level: float = 0.95) -> dict:
+    """Percentile intervals ``{name: [low, high]}`` of ``statistics(weights)`` (a dict) over
+    ``resamples`` bootstrap resamples of ``n`` examples, seeded: resample ``r``'s weights are
+    the ``r``-th draw of ``numpy.random.default_rng(seed).multinomial(n, [1/n] * n)``.
+    Resamples where a statistic is undefined (NaN) drop out of its interval."""
     rng = np.random.default_rng(seed)
-    n = len(labels)
-    draws = [all_metrics(labels, probs, threshold, rng.multinomial(n, np.full(n, 1.0 / n)))
-             for _ in range(resamples)]
+    draws = [statistics(rng.multinomial(n, np.full(n, 1.0 / n))) for _ in range(resamples)]
     tail = 100 * (1 - level) / 2
 
-    def interval(values):  # resamples where a metric is undefined (one class only) drop out
-        values = np.asarray(values)
+    def interval(values):
+        values = np.asarray(values, np.float64)
         values = values[np.isfinite(values)]
         return [float(v) for v in np.percentile(values, [tail, 100 - tail])] if values.size \
             else [float("nan")] * 2
 
     return {k: interval([d[k] for d in draws]) for k in draws[0]}
+
+
+def bootstrap_ci(labels, probs, threshold: float, resamples: int = 1000, seed: int = 0,
+                 level: float = 0.95, metrics=all_metrics) -> dict:
+    """``bootstrap`` intervals of ``metrics(labels, probs, threshold, weights)``; the
+    threshold stays fixed, as it was chosen elsewhere."""
+    return bootstrap(len(labels), lambda w: metrics(labels, probs, threshold, w), resamples,
+                     seed, level)
 
 
 def confusion(labels, probs, threshold: float) -> list[list[int]]:

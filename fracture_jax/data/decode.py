@@ -85,6 +85,18 @@ def decode(data: bytes, name: str = "<bytes>", draft_size: int | None = None) ->
     return _normalise_mode(img)
 
 
+def image_size(data: bytes, name: str = "<bytes>") -> tuple[int, int]:
+    """(width, height) of the stored image, read from its header where the format allows."""
+    if is_dicom(data):
+        import pydicom
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        return int(ds.Columns), int(ds.Rows)
+    try:
+        return Image.open(io.BytesIO(data)).size
+    except Exception:  # noqa: BLE001 (decode names the file and the reason)
+        return decode(data, name).size
+
+
 def to_array(img: Image.Image) -> np.ndarray:
     """A decoded image as float32 (H, W, 3) RGB in 0-255; grayscale replicated to 3 channels."""
     a = np.asarray(img, dtype=np.float32)
