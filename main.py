@@ -22,8 +22,9 @@ config_flags.DEFINE_config_file(
     "--config.optimizer.lr=3e-4); --mode=config prints the result.", lock_config=True)
 flags.DEFINE_string("workdir", "runs/default", "Where checkpoints, logs and reports go.")
 flags.DEFINE_enum("mode", "train",
-                  ["train", "eval", "predict", "export", "inspect", "lr_find", "config"],
+                  ["train", "eval", "cv", "predict", "export", "inspect", "lr_find", "config"],
                   "train (then eval), eval (score the best checkpoint and write the report), "
+                  "cv (K-fold cross-validation over train+val, data.folds), "
                   "predict (--images), export (.keras, .h5, .onnx), inspect (the data folder), "
                   "lr_find (the learning-rate range test), config (print the resolved config "
                   "and exit).")

@@ -23,6 +23,11 @@ def get_config() -> ml_collections.ConfigDict:
     d.mixup_alpha = 0.0  # MixUp: Beta(alpha, alpha) blend weight (0: off; 0.2-0.4 is usual)
     d.cutmix_alpha = 0.0  # CutMix: Beta(alpha, alpha) box share (0: off; 1.0 is usual)
     d.mix_prob = 1.0  # share of train batches mixed when MixUp or CutMix is on
+    d.folds = 5  # --mode=cv: stratified folds over train+val
+    d.group_column = ""  # --mode=cv: a metadata column (eval.metadata's table) whose images
+    # stay in one fold, e.g. a patient id
+    d.fold_val_share = 0.2  # --mode=cv: share of a fold's training images kept for its val
+    # (early stopping, threshold), so the held-out fold is only scored
     d.augment = a = ml_collections.ConfigDict()  # on the device, in the train step
     a.flip = True  # random horizontal flip
     a.rotate_deg = 10.0  # max rotation in degrees (0: off)

@@ -45,6 +45,10 @@ def _run(config, workdir: str, mode: str, images: str | None):
     elif mode == "eval":
         from fracture_jax.evaluate import evaluate
         evaluate(config, workdir)
+    elif mode == "cv":
+        from fracture_jax.cross_validation import cross_validate
+        with workdir_lock.held(workdir):
+            cross_validate(config, workdir)
     elif mode == "predict":
         from fracture_jax.predict import predict_files
         predict_files(config, workdir, images)
@@ -59,8 +63,8 @@ def _run(config, workdir: str, mode: str, images: str | None):
         from fracture_jax.data.inspect import inspect_dataset
         inspect_dataset(config, workdir)
     else:
-        raise UserError(f"--mode={mode} is unknown; use train, eval, predict, export, inspect, "
-                        "lr_find or config")
+        raise UserError(f"--mode={mode} is unknown; use train, eval, cv, predict, export, "
+                        "inspect, lr_find or config")
 
 
 class _QuietLibraries:

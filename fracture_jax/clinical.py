@@ -7,7 +7,6 @@ fracture boxes), each written to ``metrics.json``, a CSV and the report.
 ship both).
 """
 
-import csv
 import os
 
 import jax.numpy as jnp
@@ -21,7 +20,7 @@ from fracture_jax.data.decode import image_size
 from fracture_jax.data.pipeline import example_at, file_names
 from fracture_jax.data.synthetic import BOXES, METADATA
 from fracture_jax.errors import UserError
-from fracture_jax.files import atomic_path
+from fracture_jax.files import write_csv
 from fracture_jax.gradcam import grad_cam
 from fracture_jax.subgroups import table_key
 
@@ -157,13 +156,9 @@ def _scaled(boxes, width, height, side) -> list:
 
 
 def _write_per_image(path: str, files, picked, sizes, boxes, probs, per_image):
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["file", "probability", "width", "height", "boxes", "chance",
-                         "pointing", "mass", "peak_row", "peak_col"])
-        for k, i in enumerate(picked):
-            writer.writerow([files[i], f"{probs[i]:.6f}", *sizes[k],
-                             len(boxes[table_key(files[i])]),
-                             f"{per_image['chance'][k]:.6f}", int(per_image["pointing"][k]),
-                             f"{per_image['mass'][k]:.6f}", int(per_image["peak_row"][k]),
-                             int(per_image["peak_col"][k])])
+    write_csv(path, ["file", "probability", "width", "height", "boxes", "chance", "pointing",
+                     "mass", "peak_row", "peak_col"],
+              ([files[i], f"{probs[i]:.6f}", *sizes[k], len(boxes[table_key(files[i])]),
+                f"{per_image['chance'][k]:.6f}", int(per_image["pointing"][k]),
+                f"{per_image['mass'][k]:.6f}", int(per_image["peak_row"][k]),
+                int(per_image["peak_col"][k])] for k, i in enumerate(picked)))

@@ -6,7 +6,6 @@ threshold and at 0.5), ``threshold.json`` (what ``--mode=predict`` uses), the fi
 ``report.html``.
 """
 
-import csv
 import dataclasses
 import json
 import os
@@ -26,7 +25,7 @@ from fracture_jax.checkpoint import load_best
 from fracture_jax.data import dataset
 from fracture_jax.data.pipeline import example_at, file_names
 from fracture_jax.errors import UserError
-from fracture_jax.files import atomic_path, write_json
+from fracture_jax.files import write_csv, write_json
 from fracture_jax.gradcam import grad_cam
 from fracture_jax.inference import make_forward, predict
 from fracture_jax.models import builder
@@ -335,11 +334,9 @@ def failure_flags(probs: dict, result: dict) -> list[str]:
 
 def _write_predictions(path: str, files: list[str], labels, columns: dict):
     """One row per image: file, true label, then each model's probability of fractured."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["file", "label", *columns])
-        for i, name in enumerate(files):
-            writer.writerow([name, int(labels[i]), *(f"{p[i]:.6f}" for p in columns.values())])
+    write_csv(path, ["file", "label", *columns],
+              ([name, int(labels[i]), *(f"{p[i]:.6f}" for p in columns.values())]
+               for i, name in enumerate(files)))
 
 
 def _log_summary(metrics: dict):

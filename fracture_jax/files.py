@@ -1,6 +1,7 @@
 """Writing output files whole or not at all: under a temporary name, renamed when complete."""
 
 import contextlib
+import csv
 import json
 import os
 
@@ -23,3 +24,11 @@ def atomic_path(path: str):
 def write_json(path: str, obj):
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
+
+
+def write_csv(path: str, header: list, rows):
+    """A CSV of ``header`` then ``rows``, written whole or not at all."""
+    with atomic_path(str(path)) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)

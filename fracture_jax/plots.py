@@ -71,6 +71,22 @@ def roc_pr_plot(labels, probs, threshold: float, path: str, title: str) -> str:
     return _save(fig, path)
 
 
+def roc_curves(curves: dict, path: str) -> str:
+    """ROC curves ``{name: (labels, probabilities)}`` on one axis, each with its AUC."""
+    fig, ax = plt.subplots(figsize=(5.6, 5))
+    for name, (y, p) in curves.items():
+        f, t, _ = skm.roc_curve(y, p)
+        pooled = not name.startswith("fold")
+        ax.plot(f, t, lw=2.2 if pooled else 1, alpha=1 if pooled else 0.6,
+                label=f"{name} (AUC {skm.roc_auc_score(y, p):.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(-0.02, 1.02),
+           ylim=(-0.02, 1.02), title="ROC")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
 def reliability_plot(labels, probs, ece: float, path: str, title: str) -> str:
     """Fraction fractured against mean predicted probability per bin, with bin counts."""
     conf, frac, count = reliability(labels, probs)

@@ -169,6 +169,56 @@ def _figure(title: str, path: str) -> str:
             f'<img alt="{_e(title)}" src="data:image/png;base64,{data}"></figure>')
 
 
+def _page(path: str, title: str, parts: list[str]) -> str:
+    """The self-contained page: style, the figure check, ``parts``; written atomically."""
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(title)}</title>"
+            f"<style>{STYLE}</style><script>{CHECK_IMAGES}</script></head><body>"
+            + "\n".join(parts)
+            + '<p id="render-check" class="note">Figures not checked (scripts off).</p>'
+            "</body></html>")
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(page)
+    return path
+
+
+CV_METRICS = ("roc_auc", "pr_auc", "recall", "specificity", "brier", "ece")
+
+
+def write_cv_report(path: str, cv: dict, figures: dict) -> str:
+    """The cross-validation page: per-fold table, mean and SD, pooled out-of-fold metrics, the
+    test split scored by the fold ensemble, the ROC curves."""
+    rows = [[f"fold {f['fold']}", f"{f['train']} / {f['val']} / {f['n']} ({f['positives']})",
+             f"{f['threshold']:.3f}", *(f"{f[k]:.3f}" for k in CV_METRICS)]
+            for f in cv["per_fold"]]
+    rows.append(["mean \u00b1 SD", "", "", *(f"{cv['mean'][k]:.3f} \u00b1 {cv['std'][k]:.3f}"
+                                             for k in CV_METRICS)])
+    oof = cv["out_of_fold"]
+    parts = [f"<h1>Cross-validation: {cv['folds']} folds</h1>",
+             "<p>Train and val pooled and split into stratified folds"
+             + (f", grouped by <b>{_e(cv['group_column'])}</b>" if cv["group_column"] else "")
+             + " (identical images always in one fold). Each fold's held-out images are "
+             "scored only; early stopping and the fold's operating threshold used a val share "
+             f"({cv['fold_val_share']:g}) of its other folds.</p>",
+             "<h2>Per fold (held-out images)</h2>",
+             _table(["fold", "train / val / held out (fractured)", "threshold",
+                     *(LABELS[k] for k in CV_METRICS)], rows),
+             "<h2>Pooled out-of-fold (95% CI)</h2>",
+             f"<p>{oof['n']} images ({oof['positives']} fractured), each predicted by the one "
+             "model that did not train on it; thresholded metrics use each fold's threshold."
+             "</p>",
+             _table(["metric", "pooled out-of-fold"],
+                    [[LABELS[k], _with_ci(oof, k)] for k in METRICS])]
+    if "test_ensemble" in cv:
+        t = cv["test_ensemble"]
+        parts += ["<h2>Test split, fold ensemble (95% CI)</h2>",
+                  f"<p>Mean probability of the {cv['folds']} fold models, threshold "
+                  f"{t['threshold']:.3f} chosen on the pooled out-of-fold predictions "
+                  f"({_e(t['method'])}); {t['n']} images ({t['positives']} fractured).</p>",
+                  _table(["metric", "test"], [[LABELS[k], _with_ci(t, k)] for k in METRICS])]
+    parts += ["<h2>Figures</h2>", *(_figure(t, p) for t, p in figures.items())]
+    return _page(path, f"cross-validation, {cv['folds']} folds", parts)
+
+
 def write_report(path: str, metrics: dict, figures: dict, data_report, config: dict) -> str:
     """Write the page atomically and return its path."""
     primary = metrics["primary"]
@@ -212,11 +262,5 @@ def write_report(path: str, metrics: dict, figures: dict, data_report, config: d
              for s, v in sp.items()]
     parts += ["<h2>Speed</h2>", _table(["model", "split", "images", "images/s"], speed),
               "<h2>Figures</h2>", *(_figure(t, p) for t, p in figures.items()),
-              "<h2>Config</h2>", f"<pre>{_e(json.dumps(config, indent=1))}</pre>",
-              '<p id="render-check" class="note">Figures not checked (scripts off).</p>']
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(primary)}</title>"
-            f"<style>{STYLE}</style><script>{CHECK_IMAGES}</script></head><body>"
-            + "\n".join(parts) + "</body></html>")
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        f.write(page)
-    return path
+              "<h2>Config</h2>", f"<pre>{_e(json.dumps(config, indent=1))}</pre>"]
+    return _page(path, primary, parts)

@@ -13,7 +13,6 @@ Beside the images, ``write_phantoms`` writes what it drew, in the format of Frac
 model fails and whether it looks at the break.
 """
 
-import csv
 import io
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from fracture_jax.data.scan import CLASS_NAMES
+from fracture_jax.files import write_csv
 
 SPLITS = {"train": 1.0, "val": 0.25, "test": 0.25}  # images per class, relative to train
 
@@ -179,14 +179,8 @@ def write_phantoms(root: str, per_class: int = 120, size: int = 256, seed: int =
                 rel = f"{split}/{cls}/{name}"
                 metadata.append({"file": rel} | truth)
                 boxes += [[rel, *box] for box in drawn]
-    _write_csv(root / METADATA, list(metadata[0]), [list(m.values()) for m in metadata])
-    _write_csv(root / BOXES, ["file", "x_min", "y_min", "x_max", "y_max"], boxes)
+    write_csv(root / METADATA, list(metadata[0]), [list(m.values()) for m in metadata])
+    write_csv(root / BOXES, ["file", "x_min", "y_min", "x_max", "y_max"], boxes)
     done.write_text(key)
     return root
 
-
-def _write_csv(path: Path, header: list, rows: list):
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
