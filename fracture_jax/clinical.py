@@ -84,14 +84,19 @@ def _stored_sizes(prepared: str, split: str, indices) -> list[tuple[int, int]]:
     return out
 
 
+def model_images(source, indices, side: int) -> np.ndarray:
+    """The source's examples ``indices`` as the model sees them, (N, side, side, 3) float."""
+    return np.asarray(model_input(np.stack([example_at(source, int(i))[0] for i in indices]),
+                                  side))
+
+
 def heat_maps(model, variables, source, indices, side: int) -> np.ndarray:
     """Grad-CAM maps (N, side, side) of the source's examples ``indices``."""
     maps = []
     for start in range(0, len(indices), GRADCAM_CHUNK):
         chunk = list(indices[start:start + GRADCAM_CHUNK])
         pad = chunk + [chunk[-1]] * (GRADCAM_CHUNK - len(chunk))
-        images = model_input(np.stack([example_at(source, int(i))[0] for i in pad]), side)
-        heat, _ = grad_cam(model, variables, jnp.asarray(images))
+        heat, _ = grad_cam(model, variables, jnp.asarray(model_images(source, pad, side)))
         maps.append(np.asarray(heat)[:len(chunk)])
     return np.concatenate(maps) if maps else np.zeros((0, side, side), np.float32)
 
@@ -132,7 +137,7 @@ def localization_section(config, root: str, prepared: str, member, split: str, s
     if picked.size:
         show = _spread(per_image["mass"], e.localization_overlays)
         figures[f"Grad-CAM and fracture boxes ({split})"] = plots.image_grid(
-            [model_input(example_at(source, int(picked[k]))[0][None], side)[0] for k in show],
+            model_images(source, picked[show], side),
             [f"{'hit' if per_image['pointing'][k] else 'miss'}, mass in boxes "
              f"{per_image['mass'][k]:.2f}\np={probs[picked[k]]:.2f}" for k in show],
             os.path.join(out_dir, "localization.png"), heat=heat[show],

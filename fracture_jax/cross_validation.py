@@ -152,9 +152,9 @@ def cross_validate(config, workdir: str) -> dict:
     for k, fold in enumerate(plan):
         fold_dir = cv_dir / f"fold_{k}"
         if (fold_dir / "done").is_file():
-            logging.info("fold %d of %d: done before, kept", k + 1, len(plan))
+            logging.info("fold %d (%d of %d): done before, kept", k, k + 1, len(plan))
             continue
-        logging.info("fold %d of %d: %d train, %d val, %d held out", k + 1, len(plan),
+        logging.info("fold %d (%d of %d): %d train, %d val, %d held out", k, k + 1, len(plan),
                      *(len(fold[s]) for s in ("train", "val", "test")))
         _write_fold_folder(fold_dir / "data", root, pool, fold)
         fold_config = _fold_config(config, str(fold_dir / "data"))

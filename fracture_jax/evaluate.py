@@ -13,20 +13,17 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
 import fracture_jax
 from fracture_jax import clinical, parallel, plots
-from fracture_jax.augment import model_input
 from fracture_jax.checkpoint import load_best
 from fracture_jax.data import dataset
 from fracture_jax.data.pipeline import example_at, file_names
 from fracture_jax.errors import UserError
 from fracture_jax.files import write_csv, write_json
-from fracture_jax.gradcam import grad_cam
 from fracture_jax.inference import make_forward, predict
 from fracture_jax.models import builder
 from fracture_jax.report import write_report
@@ -169,12 +166,12 @@ def figures(out_dir: str, member: Member, source, probs, labels, split: str, res
 
     cases = gradcam_cases(labels, probs, threshold, config.eval.gradcam_per_group)
     if cases:
-        images = np.asarray(model_input(np.stack([example_at(source, i)[0] for _, i in cases]),
-                                        size))
-        heat, _ = grad_cam(member.model, member.variables, jnp.asarray(images))
+        picks = [i for _, i in cases]
         made[f"Grad-CAM ({split})"] = plots.image_grid(
-            images, [f"{g}, p={probs[i]:.2f}" for g, i in cases],
-            os.path.join(out_dir, "gradcam.png"), heat=np.asarray(heat))
+            clinical.model_images(source, picks, size),
+            [f"{g}, p={probs[i]:.2f}" for g, i in cases],
+            os.path.join(out_dir, "gradcam.png"),
+            heat=clinical.heat_maps(member.model, member.variables, source, picks, size))
     return made
 
 

@@ -97,11 +97,11 @@ def summarise(per_image: dict, resamples: int, seed: int) -> dict:
     if n == 0:
         return {"n": 0}
 
-    def means(weights):
-        return {k: float(np.dot(weights, v) / n) for k, v in values.items()}
+    def means(weights):  # (R, n) -> {measure: (R,)}
+        return {k: weights @ v / n for k, v in values.items()}
 
-    ci = bootstrap(n, means, resamples, seed)
-    return {"n": n, "mean": means(np.ones(n)), "ci95": ci,
+    ci = bootstrap(n, means, resamples, seed, batched=True)
+    return {"n": n, "mean": {k: float(v.mean()) for k, v in values.items()}, "ci95": ci,
             "beats_chance": {"pointing": ci["pointing_minus_chance"][0] > 0,
                              "mass": ci["mass_minus_chance"][0] > 0},
             "empty_maps": int(np.sum(per_image["empty"]))}

@@ -73,23 +73,53 @@ def all_metrics(labels, probs, threshold: float, weights=None) -> dict:
                                                                         weights)
 
 
-def bootstrap(n: int, statistics, resamples: int = 1000, seed: int = 0,
-              level: float = 0.95) -> dict:
-    """Percentile intervals ``{name: [low, high]}`` of ``statistics(weights)`` (a dict) over
-    ``resamples`` bootstrap resamples of ``n`` examples, seeded: resample ``r``'s weights are
-    the ``r``-th draw of ``numpy.random.default_rng(seed).multinomial(n, [1/n] * n)``.
-    Resamples where a statistic is undefined (NaN) drop out of its interval."""
-    rng = np.random.default_rng(seed)
-    draws = [statistics(rng.multinomial(n, np.full(n, 1.0 / n))) for _ in range(resamples)]
+def resample_weights(n: int, resamples: int, seed: int) -> np.ndarray:
+    """(resamples, n) bootstrap weights: row ``r`` is the ``r``-th draw of
+    ``numpy.random.default_rng(seed).multinomial(n, [1/n] * n)``."""
+    return np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=resamples)
+
+
+def percentile_interval(values, level: float = 0.95) -> list[float]:
+    """The central ``level`` percentile interval of the finite ``values`` (NaN, NaN if none)."""
+    values = np.asarray(values, np.float64)
+    values = values[np.isfinite(values)]
     tail = 100 * (1 - level) / 2
+    return [float(v) for v in np.percentile(values, [tail, 100 - tail])] if values.size \
+        else [float("nan")] * 2
 
-    def interval(values):
-        values = np.asarray(values, np.float64)
-        values = values[np.isfinite(values)]
-        return [float(v) for v in np.percentile(values, [tail, 100 - tail])] if values.size \
-            else [float("nan")] * 2
 
-    return {k: interval([d[k] for d in draws]) for k in draws[0]}
+def bootstrap(n: int, statistics, resamples: int = 1000, seed: int = 0, level: float = 0.95,
+              batched: bool = False) -> dict:
+    """Percentile intervals ``{name: [low, high]}`` of ``statistics(weights)`` (a dict) over
+    the ``resample_weights``; ``batched``: it takes all the weights (R, n) at once and gives
+    arrays (R,). Resamples where a statistic is undefined (NaN) drop out of its interval."""
+    weights = resample_weights(n, resamples, seed)
+    if batched:
+        draws = statistics(weights)
+        return {k: percentile_interval(v, level) for k, v in draws.items()}
+    draws = [statistics(w) for w in weights]
+    return {k: percentile_interval([d[k] for d in draws], level) for k in draws[0]}
+
+
+def weighted_roc_auc(labels, probs, weights) -> np.ndarray:
+    """ROC AUC under each row of ``weights`` (R, n) at once: the weighted probability that a
+    fractured image scores above a not-fractured one, ties counting a half (what
+    scikit-learn's ``roc_auc_score`` with ``sample_weight`` gives); NaN where a row leaves
+    one class only."""
+    y = np.asarray(labels).astype(bool)
+    order = np.argsort(np.asarray(probs), kind="stable")
+    p, y = np.asarray(probs)[order], y[order]
+    w = np.asarray(weights, np.float64)[:, order]
+    pos, neg = w * y, w * ~y
+    cum = np.cumsum(neg, axis=1)
+    first = np.flatnonzero(np.r_[True, p[1:] != p[:-1]])  # each run of equal scores' start
+    group = np.cumsum(np.r_[True, p[1:] != p[:-1]]) - 1
+    start, end = first[group], np.r_[first[1:] - 1, len(p) - 1][group]
+    below = cum[:, start] - neg[:, start]  # negatives strictly below each score
+    tied = cum[:, end] - below
+    total = pos.sum(axis=1) * neg.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, (pos * (below + 0.5 * tied)).sum(axis=1) / total, np.nan)
 
 
 def bootstrap_ci(labels, probs, threshold: float, resamples: int = 1000, seed: int = 0,

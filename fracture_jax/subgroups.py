@@ -3,7 +3,7 @@
 A metadata table is a CSV keyed by ``file``, the image's path relative to the data root (as
 FracAtlas' ``metadata.csv`` and the phantoms' are), with any categorical columns. For every
 column and value: n, positives, ROC AUC, sensitivity and specificity at the operating threshold,
-each with its bootstrap 95% interval (``scoring.bootstrap_ci``), and a flag where the interval
+each with its bootstrap 95% interval (``scoring.bootstrap``), and a flag where the interval
 lies wholly below the overall point estimate. A metric needs ``min_class`` images of each class
 it depends on; below that the table says "too small" instead of a number.
 """
@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from fracture_jax.errors import UserError
-from fracture_jax.scoring import bootstrap_ci, ranking_metrics, threshold_metrics
+from fracture_jax.scoring import bootstrap, weighted_roc_auc
 
 SKIPPED_COLUMNS = ("file", "split", "label")  # the layout already says these
 MAX_VALUES = 20  # a column with more distinct values is an identifier, not a subgroup
@@ -53,10 +53,17 @@ def match(table: dict, files: list[str], path: str) -> tuple[list, list[str]]:
 
 
 def subgroup_metrics(labels, probs, threshold: float, weights=None) -> dict:
-    """ROC AUC, sensitivity and specificity at ``threshold``."""
-    at = threshold_metrics(labels, probs, threshold, weights)
-    return {"roc_auc": ranking_metrics(labels, probs, weights)["roc_auc"],
-            "sensitivity": at["recall"], "specificity": at["specificity"]}
+    """ROC AUC, sensitivity and specificity at ``threshold`` (NaN where undefined); with
+    ``weights`` (R, n), arrays (R,) for every bootstrap resample at once."""
+    y = np.asarray(labels).astype(bool)
+    pred = np.asarray(probs) >= threshold
+    w = np.ones((1, len(y))) if weights is None else np.asarray(weights, np.float64)
+    tp, fn, tn, fp = (w @ m for m in (pred & y, ~pred & y, ~pred & ~y, pred & ~y))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = {"roc_auc": weighted_roc_auc(y, probs, w),
+               "sensitivity": np.where(tp + fn > 0, tp / (tp + fn), np.nan),
+               "specificity": np.where(tn + fp > 0, tn / (tn + fp), np.nan)}
+    return {k: float(v[0]) for k, v in out.items()} if weights is None else out
 
 
 def score_group(labels, probs, threshold: float, resamples: int, seed: int, min_class: int,
@@ -78,7 +85,8 @@ def score_group(labels, probs, threshold: float, resamples: int, seed: int, min_
     if len(short) == len(METRICS):
         return out
     point = subgroup_metrics(labels, probs, threshold)
-    ci = bootstrap_ci(labels, probs, threshold, resamples, seed, metrics=subgroup_metrics)
+    ci = bootstrap(len(labels), lambda w: subgroup_metrics(labels, probs, threshold, w),
+                   resamples, seed, batched=True)
     for name in METRICS:
         if name in short:
             continue

@@ -243,8 +243,11 @@ def test_report_renders_in_headless_chromium(trained_runs, tmp_path):
                    check=True, capture_output=True, timeout=120)
     dom = subprocess.run(common + ["--dump-dom", page], check=True, capture_output=True,
                          text=True, timeout=120).stdout
-    assert 'data-images-rendered="6/6"' in dom  # the page's own check: every figure decoded
-    assert "All 6 figures rendered." in dom
+    assert 'data-images-rendered="7/7"' in dom  # the page's own check: every figure decoded
+    assert "All 7 figures rendered." in dom
+    # the phantoms' metadata and boxes: the subgroup and localization sections
+    assert "<h2>Subgroups</h2>" in dom and "<h3>bone_type</h3>" in dom
+    assert "<h2>Localization: Grad-CAM against the fracture boxes</h2>" in dom
     img = np.asarray(Image.open(shot).convert("RGB"))
     assert img.shape == (3000, 1200, 3)
     # tables and figures, not a blank page: many colours, and the plots' blue lines
