@@ -27,19 +27,23 @@ import os
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 from absl import logging
 from sklearn.model_selection import StratifiedGroupKFold
 
-from fracture_jax import clinical, plots, subgroups
+from fracture_jax import clinical, parallel, plots, subgroups
 from fracture_jax.data import dataset
+from fracture_jax.data.pipeline import file_names
 from fracture_jax.data.scan import CLASS_NAMES, scan_folder
 from fracture_jax.data.synthetic import METADATA
 from fracture_jax.errors import UserError
+from fracture_jax.evaluate import evaluate, load_member, member_probabilities
 from fracture_jax.files import write_csv, write_json
 from fracture_jax.report import write_cv_report
 from fracture_jax.scoring import (bootstrap, choose_threshold, ranking_metrics, score_split,
                                   threshold_metrics)
+from fracture_jax.train import train_and_evaluate
 
 FOLD_METRICS = ("roc_auc", "pr_auc", "recall", "specificity", "brier", "ece")
 
@@ -137,18 +141,14 @@ def _fold_config(config, data_root: str):
 
 def cross_validate(config, workdir: str) -> dict:
     """Train and score every fold (those done are kept), then pool them; the CV metrics."""
-    from fracture_jax.evaluate import evaluate  # noqa: PLC0415 (they import the models)
-    from fracture_jax.train import train_and_evaluate  # noqa: PLC0415
-
     root = Path(dataset.data_root(config, workdir)).expanduser().resolve()
     scan = scan_folder(root)
     pool = scan.examples["train"] + scan.examples["val"]
     test = scan.examples.get("test", [])
     cv_dir = Path(workdir) / "cv"
     plan = _stored_plan(cv_dir, config, root, pool)
-    test_folder = cv_dir / "test_data"
-    for rel, label, _ in test:
-        _link(root / rel, test_folder / "test" / CLASS_NAMES[label] / _flat(rel))
+    test_source = _test_source(config, cv_dir, root, test) if test else None
+    _compile_once(cv_dir)
     for k, fold in enumerate(plan):
         fold_dir = cv_dir / f"fold_{k}"
         if (fold_dir / "done").is_file():
@@ -160,14 +160,41 @@ def cross_validate(config, workdir: str) -> dict:
         fold_config = _fold_config(config, str(fold_dir / "data"))
         train_and_evaluate(fold_config, str(fold_dir))
         evaluate(fold_config, str(fold_dir))
-        if test:  # the folder's own test split, at the fold's threshold
-            on_test = _fold_config(config, str(test_folder))
-            with on_test.unlocked():
-                on_test.data.prepared_dir = str(cv_dir / "prepared")
-                on_test.eval.output_dir = str(fold_dir / "eval_test")
-            evaluate(on_test, str(fold_dir))
+        if test_source is not None:
+            _predict_test(config, fold_dir, test_source)
         (fold_dir / "done").write_text("scored\n")
     return summarise(config, cv_dir, pool, test, plan)
+
+
+def _compile_once(cv_dir: Path):
+    """Keep compiled programs in ``cv/xla_cache`` (JAX's persistent cache, unless one is set):
+    every fold compiles the same train and eval steps, so folds after the first (and a resumed
+    cross-validation) load them instead of compiling again."""
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(cv_dir / "xla_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _test_source(config, cv_dir: Path, root: Path, test: list):
+    """The folder's test split, decoded once for every fold model: a folder of links to its
+    images, prepared in ``cv/prepared``."""
+    folder = cv_dir / "test_data"
+    for rel, label, _ in test:
+        _link(root / rel, folder / "test" / CLASS_NAMES[label] / _flat(rel))
+    on_test = _fold_config(config, str(folder))
+    _, sources = dataset.load(on_test, str(cv_dir), dataset.decoded_side(config),
+                              cv_dir / "prepared", required=())
+    return sources["test"]
+
+
+def _predict_test(config, fold_dir: Path, source):
+    """The fold model's probability for every test image, in ``fold_<k>/test_predictions.csv``."""
+    member = load_member(str(fold_dir))
+    probs, _ = member_probabilities(member, {"test": source}, config, parallel.make_mesh())
+    p, labels = probs["test"]
+    write_csv(fold_dir / "test_predictions.csv", ["file", "label", member.name],
+              ([name, int(labels[i]), f"{p[i]:.6f}"]
+               for i, name in enumerate(file_names(source))))
 
 
 def _stored_plan(cv_dir: Path, config, root: Path, pool: list) -> list[dict]:
@@ -231,7 +258,7 @@ def summarise(config, cv_dir: Path, pool: list, test: list, plan: list) -> dict:
                          "n": len(fold["test"]), "positives": int(labels[fold["test"]].sum()),
                          "threshold": threshold} | {name: m[name] for name in FOLD_METRICS})
         if test:
-            on_test = _read_predictions(fold_dir / "eval_test" / "predictions_test.csv")
+            on_test = _read_predictions(fold_dir / "test_predictions.csv")
             test_probs.append([on_test[_flat(rel)] for rel, _, _ in test])
     e = config.eval
     table = np.array([[f[name] for name in FOLD_METRICS] for f in per_fold], np.float64)

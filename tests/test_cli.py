@@ -36,7 +36,7 @@ def test_data_root_that_does_not_exist(tmp_path):
     (["--config.model.name=resnet18"], "unknown model 'resnet18'"),
     (["--config.optimizer.lrr=1e-3"], 'Did you mean "lr"'),
     (["--config.optimizer.lr=fast"], "could not convert"),
-    (["--mode=serve"], "one of <train|eval|predict|export|inspect|lr_find|config>"),
+    (["--mode=serve"], "one of <train|eval|cv|predict|export|inspect|lr_find|config>"),
 ])
 def test_bad_settings_give_one_line(args, expected, tmp_path):
     line = _error_line(_main("--config=configs/effnet.py", f"--workdir={tmp_path}", *args))

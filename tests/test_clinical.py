@@ -324,8 +324,9 @@ def test_cross_validation_killed_mid_fold_resumes_and_pools_the_folds(phantom_ro
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        while not list((workdir / "cv" / "fold_1" / "checkpoints").glob("latest/*/_CHECKPOINT*")) \
-                and proc.poll() is None and time.monotonic() < deadline:
+        saved = workdir / "cv" / "fold_1" / "checkpoints" / "latest"
+        while not list(saved.glob("[0-9]*/commit_success.txt")) and proc.poll() is None \
+                and time.monotonic() < deadline:
             time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGKILL)
     finally:

@@ -239,7 +239,7 @@ def test_report_renders_in_headless_chromium(trained_runs, tmp_path):
     page = (workdir / "eval" / "report.html").as_uri()
     common = [_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
     shot = tmp_path / "report.png"
-    subprocess.run(common + [f"--screenshot={shot}", "--window-size=1200,3000", page],
+    subprocess.run(common + [f"--screenshot={shot}", "--window-size=1200,6000", page],
                    check=True, capture_output=True, timeout=120)
     dom = subprocess.run(common + ["--dump-dom", page], check=True, capture_output=True,
                          text=True, timeout=120).stdout
@@ -249,7 +249,7 @@ def test_report_renders_in_headless_chromium(trained_runs, tmp_path):
     assert "<h2>Subgroups</h2>" in dom and "<h3>bone_type</h3>" in dom
     assert "<h2>Localization: Grad-CAM against the fracture boxes</h2>" in dom
     img = np.asarray(Image.open(shot).convert("RGB"))
-    assert img.shape == (3000, 1200, 3)
+    assert img.shape == (6000, 1200, 3)
     # tables and figures, not a blank page: many colours, and the plots' blue lines
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > 500
     blue = (img[..., 2] > 150) & (img[..., 0] < 80)
