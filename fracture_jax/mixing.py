@@ -59,13 +59,17 @@ def mix_batch(images, labels, key, mixing: Mixing):
     alpha = jnp.where(use_cut, mixing.cutmix_alpha or 1.0, mixing.mixup_alpha or 1.0)
     lam = jax.random.beta(k_lam, alpha, alpha)
     (top, bottom, left, right), outside = cut_box(k_box, lam, images.shape[1], images.shape[2])
-    rows = jnp.arange(images.shape[1])[:, None]
-    cols = jnp.arange(images.shape[2])[None, :]
-    inside = ((rows >= top) & (rows < bottom) & (cols >= left) & (cols < right))[None, :, :, None]
-    cut = jnp.where(inside, partner_images, images)
-    blend = lam * images + (1.0 - lam) * partner_images
+    kinds = []  # only the kinds that are on are computed
+    if mixing.cutmix_alpha:
+        rows = jnp.arange(images.shape[1])[:, None]
+        cols = jnp.arange(images.shape[2])[None, :]
+        inside = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
+        kinds.append(jnp.where(inside[None, :, :, None], partner_images, images))
+    if mixing.mixup_alpha:
+        kinds.append(lam * images + (1.0 - lam) * partner_images)
+    together = jnp.where(use_cut, *kinds) if len(kinds) == 2 else kinds[0]
     lam = jnp.where(use_cut, outside, lam)
     mixed = jax.random.uniform(k_apply) < mixing.prob
     lam = jnp.where(mixed, lam, 1.0)
-    images = jnp.where(mixed, jnp.where(use_cut, cut, blend), images)
+    images = jnp.where(mixed, together, images)
     return images, lam * targets + (1.0 - lam) * partner_targets, lam

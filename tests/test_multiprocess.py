@@ -106,6 +106,9 @@ def test_a_killed_process_stops_the_other_and_both_resume(two_processes, phantom
             procs[1].send_signal(signal.SIGKILL)
             killed_at = time.monotonic()
             break
+    else:
+        _finish(procs, timeout=60)
+        pytest.fail("process 1 ended without reaching epoch 2, step 2")
     (rc0, log0), (rc1, _) = _finish(procs, timeout=60)
     assert rc1 == -signal.SIGKILL
     assert time.monotonic() - killed_at < 60
