@@ -146,8 +146,13 @@ def cross_validate(config, workdir: str) -> dict:
     pool = scan.examples["train"] + scan.examples["val"]
     test = scan.examples.get("test", [])
     cv_dir = Path(workdir) / "cv"
-    plan = _stored_plan(cv_dir, config, root, pool)
-    test_source = _test_source(config, cv_dir, root, test) if test else None
+    with parallel.first_process_first("fracture_jax: cv planned"):  # made once, then read
+        plan = _stored_plan(cv_dir, config, root, pool)
+        for k, fold in enumerate(plan):
+            _write_fold_folder(cv_dir / f"fold_{k}" / "data", root, pool, fold)
+        for rel, label, _ in test:
+            _link(root / rel, cv_dir / "test_data" / "test" / CLASS_NAMES[label] / _flat(rel))
+    test_source = _test_source(config, cv_dir) if test else None
     _compile_once(cv_dir)
     for k, fold in enumerate(plan):
         fold_dir = cv_dir / f"fold_{k}"
@@ -156,14 +161,15 @@ def cross_validate(config, workdir: str) -> dict:
             continue
         logging.info("fold %d (%d of %d): %d train, %d val, %d held out", k, k + 1, len(plan),
                      *(len(fold[s]) for s in ("train", "val", "test")))
-        _write_fold_folder(fold_dir / "data", root, pool, fold)
         fold_config = _fold_config(config, str(fold_dir / "data"))
         train_and_evaluate(fold_config, str(fold_dir))
         evaluate(fold_config, str(fold_dir))
         if test_source is not None:
             _predict_test(config, fold_dir, test_source)
-        (fold_dir / "done").write_text("scored\n")
-    return summarise(config, cv_dir, pool, test, plan)
+        (fold_dir / "done").write_text("scored\n")  # by every process: each decides to skip
+    if jax.process_index() == 0:  # the folds' reports are written by process 0
+        return summarise(config, cv_dir, pool, test, plan)
+    return {}
 
 
 def _compile_once(cv_dir: Path):
@@ -175,13 +181,10 @@ def _compile_once(cv_dir: Path):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def _test_source(config, cv_dir: Path, root: Path, test: list):
-    """The folder's test split, decoded once for every fold model: a folder of links to its
-    images, prepared in ``cv/prepared``."""
-    folder = cv_dir / "test_data"
-    for rel, label, _ in test:
-        _link(root / rel, folder / "test" / CLASS_NAMES[label] / _flat(rel))
-    on_test = _fold_config(config, str(folder))
+def _test_source(config, cv_dir: Path):
+    """The folder's test split (``cv/test_data``, links to its images), decoded once for
+    every fold model, in ``cv/prepared``."""
+    on_test = _fold_config(config, str(cv_dir / "test_data"))
     _, sources = dataset.load(on_test, str(cv_dir), dataset.decoded_side(config),
                               cv_dir / "prepared", required=())
     return sources["test"]
@@ -192,9 +195,10 @@ def _predict_test(config, fold_dir: Path, source):
     member = load_member(str(fold_dir))
     probs, _ = member_probabilities(member, {"test": source}, config, parallel.make_mesh())
     p, labels = probs["test"]
-    write_csv(fold_dir / "test_predictions.csv", ["file", "label", member.name],
-              ([name, int(labels[i]), f"{p[i]:.6f}"]
-               for i, name in enumerate(file_names(source))))
+    if jax.process_index() == 0:
+        write_csv(fold_dir / "test_predictions.csv", ["file", "label", member.name],
+                  ([name, int(labels[i]), f"{p[i]:.6f}"]
+                   for i, name in enumerate(file_names(source))))
 
 
 def _stored_plan(cv_dir: Path, config, root: Path, pool: list) -> list[dict]:
