@@ -308,6 +308,46 @@ def test_clinical_sections_render_in_headless_chromium(clinical_run, tmp_path):
 
 # --- cross-validation --------------------------------------------------------------------------
 
+def _sk_metrics(y, p, threshold, w=None, ranking_only=False, threshold_only=False):
+    """The report's metrics from scikit-learn and numpy; NaN where undefined."""
+    w = np.ones(len(y)) if w is None else np.asarray(w, float)
+    out = {}
+    if not threshold_only:
+        both = len(set(y[w > 0])) == 2
+        out["roc_auc"] = skm.roc_auc_score(y, p, sample_weight=w) if both else np.nan
+        out["pr_auc"] = skm.average_precision_score(y, p, sample_weight=w) if both else np.nan
+        out["brier"] = skm.brier_score_loss(y, p, sample_weight=w)
+        bins = np.clip((p * 15).astype(int), 0, 14)  # 15 equal-width bins
+        out["ece"] = sum(abs(np.sum(w[bins == b] * (y[bins == b] - p[bins == b])))
+                         for b in range(15)) / w.sum()
+    if not ranking_only:
+        pred = p >= threshold
+        tp, fp = w[pred & (y == 1)].sum(), w[pred & (y == 0)].sum()
+        fn, tn = w[~pred & (y == 1)].sum(), w[~pred & (y == 0)].sum()
+
+        def ratio(a, b):
+            return a / b if b else np.nan
+
+        out |= {"accuracy": ratio(tp + tn, w.sum()), "precision": ratio(tp, tp + fp),
+                "recall": ratio(tp, tp + fn), "specificity": ratio(tn, tn + fp),
+                "npv": ratio(tn, tn + fn), "f1": ratio(2 * tp, 2 * tp + fp + fn)}
+    return out
+
+
+def _check_scored(scored, metrics_of, n):
+    """Point values and the 50-resample bootstrap intervals of one scored block."""
+    point = metrics_of(np.ones(n))
+    rng = np.random.default_rng(0)
+    draws = [metrics_of(rng.multinomial(n, np.full(n, 1.0 / n))) for _ in range(50)]
+    assert set(scored["metrics"]) == set(point)
+    for name, value in point.items():
+        np.testing.assert_allclose(scored["metrics"][name], value, atol=1e-5, err_msg=name)
+        v = np.array([d[name] for d in draws], float)
+        v = v[np.isfinite(v)]
+        np.testing.assert_allclose(scored["ci95"][name], np.percentile(v, [2.5, 97.5]),
+                                   atol=1e-5, err_msg=name)
+
+
 def _cv_command(workdir, root, table):
     overrides = {"model.name": "smallcnn", "model.image_size": 32,
                  "data.root": root, "data.num_workers": 0, "data.folds": 3,
@@ -359,32 +399,41 @@ def test_cross_validation_killed_mid_fold_resumes_and_pools_the_folds(phantom_ro
     y = np.array([int(r["label"]) for r in oof])
     p = np.array([float(r["probability"]) for r in oof])
     fold = np.array([int(r["fold"]) for r in oof])
-    patient = {f: i // 2 for i, f in enumerate(pool)}
-    for k in range(3):  # one patient, one fold; the fold's own report scored its held-out
-        assert sorted(np.flatnonzero(fold == k)) == plan["plan"][k]["test"]
+    patient = np.array([i // 2 for i in range(len(pool))])
+    assert all(len(set(fold[patient == q])) == 1 for q in set(patient))  # one patient, one fold
+    decisions = np.zeros(len(pool), bool)
+    for k in range(3):  # each fold's row: its held-out images at its own threshold
+        m = fold == k
+        assert sorted(np.flatnonzero(m)) == plan["plan"][k]["test"]
         fm = json.loads((cv / f"fold_{k}" / "eval" / "metrics.json").read_text())
         row = metrics["per_fold"][k]
-        m = fold == k
-        np.testing.assert_allclose(row["roc_auc"], skm.roc_auc_score(y[m], p[m]), atol=1e-5)
-        pred = p[m] >= row["threshold"]
-        np.testing.assert_allclose(row["recall"], pred[y[m] == 1].mean())
-        np.testing.assert_allclose(row["specificity"], 1 - pred[y[m] == 0].mean())
         assert row["threshold"] == fm["results"][fm["primary"]]["threshold"]["value"]
-    assert all(len({fold[pool.index(f)] for f in pool if patient[f] == q}) == 1
-               for q in set(patient.values()))
-    table_mean = np.mean([r["roc_auc"] for r in metrics["per_fold"]])
-    np.testing.assert_allclose(metrics["mean"]["roc_auc"], table_mean)
-    np.testing.assert_allclose(metrics["std"]["roc_auc"],
-                               np.std([r["roc_auc"] for r in metrics["per_fold"]], ddof=1))
-    np.testing.assert_allclose(metrics["out_of_fold"]["metrics"]["roc_auc"],
-                               skm.roc_auc_score(y, p), atol=1e-5)
+        assert (row["n"], row["positives"]) == (m.sum(), y[m].sum())
+        assert row["train"] + row["val"] + row["n"] == len(pool)
+        expected = _sk_metrics(y[m], p[m], row["threshold"])
+        for name in ("roc_auc", "pr_auc", "recall", "specificity", "brier", "ece"):
+            np.testing.assert_allclose(row[name], expected[name], atol=1e-5, err_msg=name)
+        decisions[m] = p[m] >= row["threshold"]
+    for name in metrics["mean"]:
+        values = [r[name] for r in metrics["per_fold"]]
+        np.testing.assert_allclose(metrics["mean"][name], np.mean(values))
+        np.testing.assert_allclose(metrics["std"][name], np.std(values, ddof=1))
+
+    def pooled(w):  # ranking metrics of the probabilities, the rest of each fold's decision
+        return _sk_metrics(y, p, 0.5, w, ranking_only=True) | _sk_metrics(
+            y, decisions.astype(float), 0.5, w, threshold_only=True)
+
+    _check_scored(metrics["out_of_fold"], pooled, len(y))
     test = _rows(cv / "predictions_test.csv")
     ty = np.array([int(r["label"]) for r in test])
     folds = np.array([[float(r[f"fold_{k}"]) for k in range(3)] for r in test])
     ensemble = np.array([float(r["ensemble"]) for r in test])
     np.testing.assert_allclose(ensemble, folds.mean(axis=1), atol=2e-6)
-    np.testing.assert_allclose(metrics["test_ensemble"]["metrics"]["roc_auc"],
-                               skm.roc_auc_score(ty, ensemble), atol=1e-5)
+    scored = metrics["test_ensemble"]
+    fpr, tpr, cut = skm.roc_curve(y, p)  # Youden's J on the pooled out-of-fold predictions
+    np.testing.assert_allclose(scored["threshold"], cut[1:][np.argmax((tpr - fpr)[1:])],
+                               atol=1e-6)
+    _check_scored(scored, lambda w: _sk_metrics(ty, ensemble, scored["threshold"], w), len(ty))
     assert (cv / "report.html").is_file() and (cv / "roc_folds.png").is_file()
     if _chromium():
         dom = subprocess.run([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'b'}",
