@@ -100,7 +100,7 @@ def summarise(per_image: dict, resamples: int, seed: int) -> dict:
     def means(weights):  # (R, n) -> {measure: (R,)}
         return {k: weights @ v / n for k, v in values.items()}
 
-    ci = bootstrap(n, means, resamples, seed, batched=True)
+    ci = bootstrap(n, means, resamples, seed)
     return {"n": n, "mean": {k: float(v.mean()) for k, v in values.items()}, "ci95": ci,
             "beats_chance": {"pointing": ci["pointing_minus_chance"][0] > 0,
                              "mass": ci["mass_minus_chance"][0] > 0},

@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from fracture_jax.errors import UserError
-from fracture_jax.scoring import bootstrap, weighted_roc_auc
+from fracture_jax.scoring import bootstrap, threshold_metrics, weighted_roc_auc
 
 SKIPPED_COLUMNS = ("file", "split", "label")  # the layout already says these
 MAX_VALUES = 20  # a column with more distinct values is an identifier, not a subgroup
@@ -55,15 +55,11 @@ def match(table: dict, files: list[str], path: str) -> tuple[list, list[str]]:
 def subgroup_metrics(labels, probs, threshold: float, weights=None) -> dict:
     """ROC AUC, sensitivity and specificity at ``threshold`` (NaN where undefined); with
     ``weights`` (R, n), arrays (R,) for every bootstrap resample at once."""
-    y = np.asarray(labels).astype(bool)
-    pred = np.asarray(probs) >= threshold
-    w = np.ones((1, len(y))) if weights is None else np.asarray(weights, np.float64)
-    tp, fn, tn, fp = (w @ m for m in (pred & y, ~pred & y, ~pred & ~y, pred & ~y))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = {"roc_auc": weighted_roc_auc(y, probs, w),
-               "sensitivity": np.where(tp + fn > 0, tp / (tp + fn), np.nan),
-               "specificity": np.where(tn + fp > 0, tn / (tn + fp), np.nan)}
-    return {k: float(v[0]) for k, v in out.items()} if weights is None else out
+    at = threshold_metrics(labels, probs, threshold, weights)
+    auc = weighted_roc_auc(labels, probs, np.ones((1, len(labels))) if weights is None
+                           else weights)
+    return {"roc_auc": float(auc[0]) if weights is None else auc,
+            "sensitivity": at["recall"], "specificity": at["specificity"]}
 
 
 def score_group(labels, probs, threshold: float, resamples: int, seed: int, min_class: int,
@@ -86,7 +82,7 @@ def score_group(labels, probs, threshold: float, resamples: int, seed: int, min_
         return out
     point = subgroup_metrics(labels, probs, threshold)
     ci = bootstrap(len(labels), lambda w: subgroup_metrics(labels, probs, threshold, w),
-                   resamples, seed, batched=True)
+                   resamples, seed)
     for name in METRICS:
         if name in short:
             continue
