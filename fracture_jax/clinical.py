@@ -123,27 +123,30 @@ def localization_section(config, root: str, prepared: str, member, split: str, s
             f"{path}: no box matches a fractured {split} image; its 'file' column must be the "
             f"path relative to the data root (table: {next(iter(boxes), '-')!r}, images: "
             f"{files[fractured[0]]!r})")
+    if not picked.size:  # no fractured image in the split
+        return {"localization": result | {"n": 0}}, {}
     side = member.config.model.image_size
     sizes = _stored_sizes(prepared, split, picked)
-    masks = np.stack([localization.box_mask(boxes[table_key(files[i])], w, h, side)
-                      for i, (w, h) in zip(picked, sizes)]) if picked.size else \
-        np.zeros((0, side, side), bool)
+    drawn = [boxes[table_key(files[i])] for i in picked]
+    masks = np.stack([localization.box_mask(b, w, h, side) for b, (w, h) in zip(drawn, sizes)])
     heat = heat_maps(member.model, member.variables, source, picked, side)
     per_image = localization.score_maps(heat, masks)
     result |= localization.summarise(per_image, e.bootstrap, config.seed)
-    _write_per_image(os.path.join(out_dir, f"localization_{split}.csv"), files, picked, sizes,
-                     boxes, probs, per_image)
-    figures = {}
-    if picked.size:
-        show = _spread(per_image["mass"], e.localization_overlays)
-        figures[f"Grad-CAM and fracture boxes ({split})"] = plots.image_grid(
-            model_images(source, picked[show], side),
-            [f"{'hit' if per_image['pointing'][k] else 'miss'}, mass in boxes "
-             f"{per_image['mass'][k]:.2f}\np={probs[picked[k]]:.2f}" for k in show],
-            os.path.join(out_dir, "localization.png"), heat=heat[show],
-            boxes=[_scaled(boxes[table_key(files[picked[k]])], *sizes[k], side)
-                   for k in show])
-    return {"localization": result}, figures
+    write_csv(os.path.join(out_dir, f"localization_{split}.csv"),
+              ["file", "probability", "width", "height", "boxes", "chance", "pointing", "mass",
+               "peak_row", "peak_col"],
+              ([files[i], f"{probs[i]:.6f}", *sizes[k], len(drawn[k]),
+                f"{per_image['chance'][k]:.6f}", int(per_image["pointing"][k]),
+                f"{per_image['mass'][k]:.6f}", int(per_image["peak_row"][k]),
+                int(per_image["peak_col"][k])] for k, i in enumerate(picked)))
+    show = _spread(per_image["mass"], e.localization_overlays)
+    figure = plots.image_grid(
+        model_images(source, picked[show], side),
+        [f"{'hit' if per_image['pointing'][k] else 'miss'}, mass in boxes "
+         f"{per_image['mass'][k]:.2f}\np={probs[picked[k]]:.2f}" for k in show],
+        os.path.join(out_dir, "localization.png"), heat=heat[show],
+        boxes=[_scaled(drawn[k], *sizes[k], side) for k in show])
+    return {"localization": result}, {f"Grad-CAM and fracture boxes ({split})": figure}
 
 
 def _spread(values, count: int) -> list[int]:
@@ -158,12 +161,3 @@ def _scaled(boxes, width, height, side) -> list:
     """Boxes in pixels of the stored image -> in pixels of the model's input."""
     sx, sy = side / width, side / height
     return [[x0 * sx, y0 * sy, x1 * sx, y1 * sy] for x0, y0, x1, y1 in boxes]
-
-
-def _write_per_image(path: str, files, picked, sizes, boxes, probs, per_image):
-    write_csv(path, ["file", "probability", "width", "height", "boxes", "chance", "pointing",
-                     "mass", "peak_row", "peak_col"],
-              ([files[i], f"{probs[i]:.6f}", *sizes[k], len(boxes[table_key(files[i])]),
-                f"{per_image['chance'][k]:.6f}", int(per_image["pointing"][k]),
-                f"{per_image['mass'][k]:.6f}", int(per_image["peak_row"][k]),
-                int(per_image["peak_col"][k])] for k, i in enumerate(picked)))
