@@ -73,6 +73,31 @@ def subgroup_sections(config, root: str, split: str, files, labels, probs, thres
     return out
 
 
+def log_findings(metrics: dict):
+    """The sections' headlines in the log: subgroups below the overall value, the shortcut
+    audit, and whether Grad-CAM beats chance."""
+    sub = metrics.get("subgroups")
+    for column, groups in (sub["columns"] if sub else {}).items():
+        for value, group in groups.items():
+            for name in group["below_overall"]:
+                low, high = group["ci95"][name]
+                logging.warning("subgroup %s=%s: %s %.3f [%.3f, %.3f], wholly below the overall "
+                                "%.3f", column, value, name, group["metrics"][name], low, high,
+                                sub["overall"]["metrics"][name])
+    cut = metrics.get("shortcut")
+    if cut and "roc_auc" in cut["without"]["metrics"]:
+        logging.info("without %s: ROC AUC %.3f on %d images (all images: %.3f)", cut["column"],
+                     cut["without"]["metrics"]["roc_auc"], cut["without"]["n"],
+                     cut["all"]["metrics"].get("roc_auc", float("nan")))
+    loc = metrics.get("localization")
+    if loc and loc.get("n"):
+        mean, beats = loc["mean"], loc["beats_chance"]
+        logging.info("Grad-CAM on %d fractured images: pointing game %.3f, mass in boxes %.3f, "
+                     "chance %.3f; above chance: pointing %s, mass %s", loc["n"],
+                     mean["pointing"], mean["mass"], mean["chance"], beats["pointing"],
+                     beats["mass"])
+
+
 def _stored_sizes(prepared: str, split: str, indices) -> list[tuple[int, int]]:
     """(width, height) of the stored images ``indices`` of ``split``, from the prepared copy
     of their original bytes."""

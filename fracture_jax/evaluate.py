@@ -294,6 +294,7 @@ def _publish(workdir: str, data: "EvaluationData", members: list, member_probs: 
                                                    split, sources[split], labels, p, out_dir)
     metrics |= section
     made |= shown
+    clinical.log_findings(metrics)
     write_json(os.path.join(out_dir, "metrics.json"), metrics)
     if data.threshold is None:  # chosen now, on the run's own val
         chosen = results[members[0].name]["threshold"] | {"model": members[0].name}
