@@ -6,13 +6,15 @@ one batch already on the devices, median over ``--steps``), ``loop_img_s`` (a re
 first interval, median) and ``loop_efficiency``, their ratio.
 
     python benchmarks/loop_overhead.py [--cases smallcnn,efficientnetb2_frozen] [--devices 4]
-        [--workers 0] [--baseline /tmp/fracture_jax_old]
+        [--workers 0] [--repeats 3] [--baseline /tmp/fracture_jax_old]
 
 Cases: ``smallcnn`` (96 px, batch 64), ``smallcnn_tiny`` (32 px, batch 16: a step of
 milliseconds on a 2-core CPU) and ``efficientnetb2_frozen`` (260 px, batch 32, random weights,
 backbone frozen, augmentation on). The data are phantoms
 written at the case's size into a temporary folder. With ``--baseline DIR`` (another checkout,
-e.g. a ``git worktree`` of an older commit) each case runs there too, right after.
+e.g. a ``git worktree`` of an older commit) each case runs there too, right after. Each case
+runs ``--repeats`` times, the trees interleaved, and a ``summary`` line gives the medians: on a
+2-core CPU one run's step figure alone can move by 1.5x.
 """
 
 import argparse
@@ -130,6 +132,9 @@ def main():
     p.add_argument("--workers", type=int, default=0, help="grain worker processes")
     p.add_argument("--steps", type=int, default=10, help="timed steps for step_img_s")
     p.add_argument("--baseline", default="", help="another checkout, run after each case")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs of each case (and tree), interleaved; a summary line gives the "
+                        "medians")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child process
     p.add_argument("--tree", default=str(ROOT), help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -140,18 +145,32 @@ def main():
         print(json.dumps(run_case(a.cases, a)), flush=True)
         return
     for case in a.cases.split(","):
-        for tree in filter(None, (str(ROOT), a.baseline)):
-            env = {k: v for k, v in os.environ.items() if k != "FRACTURE_JAX_RESTARTED"}
-            if not any(p in env.get("JAX_PLATFORMS", "cpu") for p in ("cuda", "gpu", "tpu")):
-                env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                                    f" --xla_force_host_platform_device_count={a.devices}")
-            out = subprocess.run([sys.executable, __file__, "--one", "--cases", case,
-                                  "--workers", str(a.workers), "--steps", str(a.steps),
-                                  "--tree", tree],
-                                 cwd=tree, env=env, capture_output=True, text=True)
-            lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
-            print(lines[-1] if lines else json.dumps(
-                {"case": case, "tree": tree, "error": out.stderr[-3000:]}), flush=True)
+        runs = {}
+        for _ in range(a.repeats):  # interleaved: a slow spell of the machine hits both trees
+            for tree in filter(None, (str(ROOT), a.baseline)):
+                result = _child(case, tree, a)
+                print(json.dumps(result), flush=True)
+                if "error" not in result:
+                    runs.setdefault(tree, []).append(result)
+        for tree, found in runs.items():
+            print(json.dumps({"summary": "loop_overhead", "case": case, "tree": tree,
+                              "runs": len(found)} | {
+                k: statistics.median(r[k] for r in found)
+                for k in ("step_img_s", "loop_img_s", "loop_efficiency")}), flush=True)
+
+
+def _child(case: str, tree: str, a) -> dict:
+    """One case in a fresh process (the device count is fixed when JAX starts)."""
+    env = {k: v for k, v in os.environ.items() if k != "FRACTURE_JAX_RESTARTED"}
+    if not any(p in env.get("JAX_PLATFORMS", "cpu") for p in ("cuda", "gpu", "tpu")):
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                            f" --xla_force_host_platform_device_count={a.devices}")
+    out = subprocess.run([sys.executable, __file__, "--one", "--cases", case, "--workers",
+                          str(a.workers), "--steps", str(a.steps), "--tree", tree],
+                         cwd=tree, env=env, capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if lines else {"case": case, "tree": tree,
+                                                "error": out.stderr[-3000:]}
 
 
 if __name__ == "__main__":
