@@ -203,21 +203,26 @@ def _predict_test(config, fold_dir: Path, source):
 
 def _stored_plan(cv_dir: Path, config, root: Path, pool: list) -> list[dict]:
     """The fold plan, made once and kept in ``folds.json``: a resumed cross-validation uses
-    the same folds, and one over changed data is refused."""
+    the same folds, and one over changed data or other fold settings is refused."""
     path = cv_dir / "folds.json"
+    settings = {"folds": config.data.folds, "group_column": config.data.group_column,
+                "fold_val_share": config.data.fold_val_share, "seed": config.seed}
     files = [rel for rel, _, _ in pool]
     if path.is_file():
         stored = json.loads(path.read_text())
-        if stored["files"] != files or stored["folds"] != config.data.folds:
-            raise UserError(f"{path} was planned for other data or another data.folds: the "
-                            "images under train/ and val/ changed since. Cross-validate into a "
-                            "new --workdir")
+        if stored["files"] != files:
+            raise UserError(f"{path} was planned for other images: those under train/ and val/ "
+                            "changed since. Cross-validate into a new --workdir")
+        changed = [f"{k}: {stored.get(k)!r}, now {v!r}" for k, v in settings.items()
+                   if stored.get(k) != v]
+        if changed:
+            raise UserError(f"{path} was planned with other settings ({'; '.join(changed)}): "
+                            "set them back, or cross-validate into a new --workdir")
         return [{s: np.asarray(v, int) for s, v in fold.items()} for fold in stored["plan"]]
     plan = plan_folds(config, str(root), pool)
     cv_dir.mkdir(parents=True, exist_ok=True)
-    write_json(str(path), {"folds": config.data.folds, "group_column": config.data.group_column,
-                           "files": files, "plan": [{s: v.tolist() for s, v in f.items()}
-                                                    for f in plan]})
+    write_json(str(path), settings | {"files": files, "plan": [
+        {s: v.tolist() for s, v in f.items()} for f in plan]})
     return plan
 
 

@@ -130,6 +130,20 @@ def test_cv_folds_keep_groups_and_identical_images_together(phantom_root):
             assert {pool[i][1] for i in f[s]} == {0, 1}
 
 
+def test_a_stored_cv_plan_refuses_other_settings_or_images(phantom_root, tmp_path):
+    from fracture_jax.cross_validation import _stored_plan
+    pool = [e for s in ("train", "val") for e in scan_folder(phantom_root).examples[s]]
+    config = tiny_config(**{"data.folds": 3})
+    first = _stored_plan(tmp_path, config, Path(phantom_root), pool)
+    again = _stored_plan(tmp_path, config, Path(phantom_root), pool)  # a resume: the same plan
+    assert all((a[s] == b[s]).all() for a, b in zip(first, again) for s in a)
+    with pytest.raises(UserError, match=r"fold_val_share: 0.2, now 0.3"):
+        _stored_plan(tmp_path, tiny_config(**{"data.folds": 3, "data.fold_val_share": 0.3}),
+                     Path(phantom_root), pool)
+    with pytest.raises(UserError, match="planned for other images"):
+        _stored_plan(tmp_path, config, Path(phantom_root), pool[1:])
+
+
 # --- a trained run's report ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
