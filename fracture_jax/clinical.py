@@ -67,7 +67,8 @@ def subgroup_sections(config, root: str, split: str, files, labels, probs, thres
     header = next(iter(table.values()), {})
     if e.shortcut_column and e.shortcut_column in header:
         out["shortcut"] = {"split": split} | subgroups.shortcut_audit(
-            labels, probs, files, table, path, e.shortcut_column, *args)
+            labels, probs, files, table, path, e.shortcut_column, *args,
+            overall=out["subgroups"]["overall"])
     elif e.shortcut_column:
         logging.info("no shortcut audit: %s has no column %r", path, e.shortcut_column)
     return out

@@ -280,8 +280,8 @@ def summarise(config, cv_dir: Path, pool: list, test: list, plan: list) -> dict:
     curves = {f"fold {k}": (labels[f["test"]], probs[f["test"]]) for k, f in enumerate(plan)}
     curves["pooled out-of-fold"] = (labels, probs)
     write_csv(cv_dir / "oof_predictions.csv", ["file", "label", "fold", "probability"],
-                [[rel, label, fold_of[i], f"{probs[i]:.6f}"]
-                 for i, (rel, label, _) in enumerate(pool)])
+              [[rel, label, fold_of[i], f"{probs[i]:.6f}"]
+               for i, (rel, label, _) in enumerate(pool)])
     if test:
         test_labels = np.array([label for _, label, _ in test])
         ensemble = np.mean(test_probs, axis=0)
@@ -291,9 +291,9 @@ def summarise(config, cv_dir: Path, pool: list, test: list, plan: list) -> dict:
             "threshold_chosen_on": "pooled out-of-fold predictions", "method": e.threshold}
         curves["test, fold ensemble"] = (test_labels, ensemble)
         write_csv(cv_dir / "predictions_test.csv",
-                    ["file", "label", *(f"fold_{k}" for k in range(len(plan))), "ensemble"],
-                    [[rel, label, *(f"{p[j]:.6f}" for p in test_probs), f"{ensemble[j]:.6f}"]
-                     for j, (rel, label, _) in enumerate(test)])
+                  ["file", "label", *(f"fold_{k}" for k in range(len(plan))), "ensemble"],
+                  [[rel, label, *(f"{p[j]:.6f}" for p in test_probs), f"{ensemble[j]:.6f}"]
+                   for j, (rel, label, _) in enumerate(test)])
     write_json(str(cv_dir / "metrics.json"), out)
     figure = plots.roc_curves(curves, str(cv_dir / "roc_folds.png"))
     page = write_cv_report(str(cv_dir / "report.html"), out,

@@ -94,8 +94,6 @@ def summarise(per_image: dict, resamples: int, seed: int) -> dict:
     values["pointing_minus_chance"] = values["pointing"] - values["chance"]
     values["mass_minus_chance"] = values["mass"] - values["chance"]
     n = len(values["chance"])
-    if n == 0:
-        return {"n": 0}
 
     def means(weights):  # (R, n) -> {measure: (R,)}
         return {k: weights @ v / n for k, v in values.items()}

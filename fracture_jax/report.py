@@ -181,17 +181,15 @@ def _page(path: str, title: str, parts: list[str]) -> str:
     return path
 
 
-CV_METRICS = ("roc_auc", "pr_auc", "recall", "specificity", "brier", "ece")
-
-
 def write_cv_report(path: str, cv: dict, figures: dict) -> str:
     """The cross-validation page: per-fold table, mean and SD, pooled out-of-fold metrics, the
     test split scored by the fold ensemble, the ROC curves."""
+    cv_metrics = list(cv["mean"])  # the per-fold metrics, in their order
     rows = [[f"fold {f['fold']}", f"{f['train']} / {f['val']} / {f['n']} ({f['positives']})",
-             f"{f['threshold']:.3f}", *(f"{f[k]:.3f}" for k in CV_METRICS)]
+             f"{f['threshold']:.3f}", *(f"{f[k]:.3f}" for k in cv_metrics)]
             for f in cv["per_fold"]]
     rows.append(["mean \u00b1 SD", "", "", *(f"{cv['mean'][k]:.3f} \u00b1 {cv['std'][k]:.3f}"
-                                             for k in CV_METRICS)])
+                                             for k in cv_metrics)])
     oof = cv["out_of_fold"]
     parts = [f"<h1>Cross-validation: {cv['folds']} folds</h1>",
              "<p>Train and val pooled and split into stratified folds"
@@ -201,7 +199,7 @@ def write_cv_report(path: str, cv: dict, figures: dict) -> str:
              f"({cv['fold_val_share']:g}) of its other folds.</p>",
              "<h2>Per fold (held-out images)</h2>",
              _table(["fold", "train / val / held out (fractured)", "threshold",
-                     *(LABELS[k] for k in CV_METRICS)], rows),
+                     *(LABELS[k] for k in cv_metrics)], rows),
              "<h2>Pooled out-of-fold (95% CI)</h2>",
              f"<p>{oof['n']} images ({oof['positives']} fractured), each predicted by the one "
              "model that did not train on it; thresholded metrics use each fold's threshold."

@@ -160,12 +160,11 @@ def bootstrap(n: int, statistics, resamples: int = 1000, seed: int = 0,
 
 
 def bootstrap_ci(labels, probs, threshold: float, resamples: int = 1000, seed: int = 0,
-                 level: float = 0.95, metrics=all_metrics) -> dict:
-    """``bootstrap`` intervals of ``metrics(labels, probs, threshold, weights)`` (given all
-    resamples' weights (R, n) at once); the threshold stays fixed, as it was chosen
-    elsewhere."""
-    return bootstrap(len(labels), lambda w: metrics(labels, probs, threshold, w), resamples,
-                     seed, level)
+                 level: float = 0.95) -> dict:
+    """``bootstrap`` intervals of ``all_metrics`` (a chunk of resamples at a time); the
+    threshold stays fixed, as it was chosen elsewhere."""
+    return bootstrap(len(labels), lambda w: all_metrics(labels, probs, threshold, w),
+                     resamples, seed, level)
 
 
 def confusion(labels, probs, threshold: float) -> list[list[int]]:

@@ -125,14 +125,15 @@ def present(value) -> bool:
 
 
 def shortcut_audit(labels, probs, files: list[str], table: dict, path: str, column: str,
-                   threshold: float, resamples: int, seed: int, min_class: int) -> dict:
-    """The metrics on all images, on those without the suspected shortcut ``column`` and on
-    those with it (files the table lacks count as neither)."""
+                   threshold: float, resamples: int, seed: int, min_class: int,
+                   overall: dict) -> dict:
+    """The metrics on all images (``overall``, ``score_group``'s of them), on those without the
+    suspected shortcut ``column`` and on those with it (files the table lacks count as
+    neither)."""
     labels, probs = np.asarray(labels), np.asarray(probs)
     rows, _ = match(table, files, path)
     known = np.array([r is not None for r in rows])
     has = np.array([r is not None and present(r.get(column)) for r in rows])
-    overall = score_group(labels, probs, threshold, resamples, seed, min_class)
     return {"column": column, "threshold": threshold, "all": overall,
             "without": score_group(labels[known & ~has], probs[known & ~has], threshold,
                                    resamples, seed, min_class, overall["metrics"]),
