@@ -85,8 +85,9 @@ def test_the_ffi_handler_is_compiled_against_jaxlibs_headers(fresh):
     library = native.build("ffi_handler")
     assert library.parent == fresh / "fracture_jax" / "native"
     assert ffi.available()
-    seen = []
-    plan = ffi.register(lambda args, rets: seen.append((len(args), len(rets))))
-    jax.block_until_ready(jax.jit(lambda x, y: ffi.call(plan, (2,), x, y))(jnp.ones(2),
-                                                                          jnp.ones(3)))
-    assert seen == [(2, 1)]
+    transform = winograd.native_transform()
+    plan = ffi.Plan()  # one C function step, run by the handler with no Python
+    plan.function(transform, (ffi.ARGUMENT, 0), (ffi.RESULT, 0), (1, 4, 6, 3))
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((1, 4, 6, 3)), jnp.float32)
+    out = jax.jit(lambda x: ffi.call(plan.number, (16, 6, 3), x))(x)
+    np.testing.assert_array_equal(out, jax.jit(winograd._xla_input_transform)(x))

@@ -18,10 +18,7 @@ import functools
 import logging
 import site
 import sys
-import threading
 from pathlib import Path
-
-import numpy as np
 
 from fracture_jax.kernels import ffi, policy
 
@@ -45,10 +42,6 @@ _P = ctypes.c_void_p
 _Dims = ctypes.c_int64 * 12
 
 
-class _Arg(ctypes.Structure):
-    _fields_ = [("arg", ctypes.c_int), ("memory", _P)]
-
-
 def _library_paths():
     if policy.switches().onednn_lib:
         yield policy.switches().onednn_lib
@@ -66,9 +59,7 @@ class _Dnnl:
         lib.dnnl_memory_desc_get_size.restype = ctypes.c_size_t
         self.engine = self.create(lib.dnnl_engine_create, dnnl_cpu, 0)
         self.stream = self.create(lib.dnnl_stream_create, self.engine, dnnl_stream_in_order)
-        # One execution at a time: each spans every core already, and this build of oneDNN
-        # shares one scratchpad between primitives (several faked CPU devices call at once).
-        self._lock = threading.Lock()
+        ffi.use_onednn(lib, self.engine, self.stream)
 
     def check(self, status, what):
         if status != 0:
@@ -93,20 +84,6 @@ class _Dnnl:
     def reorder(self, src, dst):
         return self.primitive(self.create(self.lib.dnnl_reorder_primitive_desc_create, src,
                                           self.engine, dst, self.engine, None))
-
-    def execute(self, primitive, args: dict):
-        """Run ``primitive`` on ``{oneDNN argument: (descriptor, address)}``."""
-        memories = [self.create(self.lib.dnnl_memory_create, desc, self.engine, _P(address))
-                    for desc, address in args.values()]
-        try:
-            pairs = (_Arg * len(args))(*map(_Arg, args, memories))
-            with self._lock:
-                self.check(self.lib.dnnl_primitive_execute(primitive, self.stream, len(args),
-                                                           pairs), "execute")
-                self.check(self.lib.dnnl_stream_wait(self.stream), "stream wait")
-        finally:
-            for memory in memories:
-                self.lib.dnnl_memory_destroy(memory)
 
 
 @functools.cache
@@ -215,66 +192,63 @@ class _Convolution:
 
 
 def _plan(build):
-    """A cached plan builder: the ``cpu_ffi`` plan number per convolution shape (and the
+    """A cached plan builder: the ``ffi`` plan number per convolution shape (and the
     builder's further options)."""
     @functools.cache
     def index(x_shape, kernel_shape, strides, padding, depthwise, *options) -> int:
-        return ffi.register(build(_Convolution(x_shape, kernel_shape, strides, padding,
-                                                   depthwise), *options))
+        plan = ffi.Plan()
+        build(plan, _Convolution(x_shape, kernel_shape, strides, padding, depthwise), *options)
+        return plan.number
     return index
 
 
-def _with_kernel(c: _Convolution, pd, source: tuple, result: tuple, operands: list = ()):
-    """A plan for primitive ``pd`` that reads an activation and the HWIO kernel (copied into
-    the primitive's layout), then ``operands``, and writes an activation: ``source``,
-    ``result`` and each operand are (argument, descriptor) pairs."""
-    conv, (desc, size) = c.dnnl.primitive(pd), c.kernel_layout(pd, dnnl_query_weights_md)
-    into = c.dnnl.reorder(c.kernel, desc)
+_X, _KERNEL, _Y = (ffi.ARGUMENT, 0), (ffi.ARGUMENT, 1), (ffi.RESULT, 0)
 
-    def run(args, rets):  # activation, kernel, *operands -> activation
-        kernel = np.empty(size, np.float32)
-        c.dnnl.execute(into, {DNNL_ARG_SRC: (c.kernel, args[1]),
-                              DNNL_ARG_DST: (desc, kernel.ctypes.data)})
-        c.dnnl.execute(conv, {source[0]: (source[1], args[0]),
-                              DNNL_ARG_WEIGHTS: (desc, kernel.ctypes.data),
-                              result[0]: (result[1], rets[0]),
-                              **{arg: (d, address)
-                                 for (arg, d), address in zip(operands, args[2:])}})
-    return run
+
+def _with_kernel(plan: ffi.Plan, c: _Convolution, pd, source: tuple, result: tuple,
+                 operands: list = ()):
+    """Primitive ``pd`` reading an activation (call argument 0) and the HWIO kernel (argument
+    1, copied into the primitive's layout), then ``operands`` (arguments 2, ...), and writing
+    the activation (the result): ``source``, ``result`` and each operand are (oneDNN argument,
+    descriptor) pairs."""
+    desc, size = c.kernel_layout(pd, dnnl_query_weights_md)
+    kernel = plan.scratch(4 * size)
+    plan.onednn(c.dnnl.reorder(c.kernel, desc), {DNNL_ARG_SRC: (c.kernel, _KERNEL),
+                                                  DNNL_ARG_DST: (desc, kernel)})
+    plan.onednn(c.dnnl.primitive(pd), {
+        source[0]: (source[1], _X), DNNL_ARG_WEIGHTS: (desc, kernel), result[0]: (result[1], _Y),
+        **{arg: (d, (ffi.ARGUMENT, 2 + i)) for i, (arg, d) in enumerate(operands)}})
 
 
 @_plan
-def _forward_plan(c: _Convolution, epilogue: tuple):
+def _forward_plan(plan: ffi.Plan, c: _Convolution, epilogue: tuple):
     attr, operands = c.post_ops(epilogue) if epilogue else (None, [])
-    return _with_kernel(c, c.forward_pd(dnnl_forward_inference, attr), (DNNL_ARG_SRC, c.src),
-                        (DNNL_ARG_DST, c.dst), operands)
+    _with_kernel(plan, c, c.forward_pd(dnnl_forward_inference, attr), (DNNL_ARG_SRC, c.src),
+                 (DNNL_ARG_DST, c.dst), operands)
 
 
 @_plan
-def _input_gradient_plan(c: _Convolution):
+def _input_gradient_plan(plan: ffi.Plan, c: _Convolution):
     pd = c.dnnl.create(c.dnnl.lib.dnnl_convolution_backward_data_primitive_desc_create,
                        c.dnnl.engine, dnnl_convolution_direct, c.src, c.any_kernel, c.dst,
                        *c.geometry,
                        c.forward_pd(dnnl_forward_training), None)
-    return _with_kernel(c, pd, (DNNL_ARG_DIFF_DST, c.dst), (DNNL_ARG_DIFF_SRC, c.src))
+    _with_kernel(plan, c, pd, (DNNL_ARG_DIFF_DST, c.dst), (DNNL_ARG_DIFF_SRC, c.src))
 
 
 @_plan
-def _kernel_gradient_plan(c: _Convolution):
+def _kernel_gradient_plan(plan: ffi.Plan, c: _Convolution):
     pd = c.dnnl.create(c.dnnl.lib.dnnl_convolution_backward_weights_primitive_desc_create,
                        c.dnnl.engine, dnnl_convolution_direct, c.src, c.any_kernel, None, c.dst,
                        *c.geometry,
                        c.forward_pd(dnnl_forward_training), None)
-    conv, (desc, size) = c.dnnl.primitive(pd), c.kernel_layout(pd, dnnl_query_diff_weights_md)
-    to_hwio = c.dnnl.reorder(desc, c.kernel)
-
-    def run(args, rets):  # x, dy -> dkernel
-        blocked = np.empty(size, np.float32)
-        c.dnnl.execute(conv, {DNNL_ARG_SRC: (c.src, args[0]), DNNL_ARG_DIFF_DST: (c.dst, args[1]),
-                              DNNL_ARG_DIFF_WEIGHTS: (desc, blocked.ctypes.data)})
-        c.dnnl.execute(to_hwio, {DNNL_ARG_SRC: (desc, blocked.ctypes.data),
-                                 DNNL_ARG_DST: (c.kernel, rets[0])})
-    return run
+    desc, size = c.kernel_layout(pd, dnnl_query_diff_weights_md)
+    blocked = plan.scratch(4 * size)
+    plan.onednn(c.dnnl.primitive(pd), {  # x, dy -> the kernel's gradient, blocked
+        DNNL_ARG_SRC: (c.src, _X), DNNL_ARG_DIFF_DST: (c.dst, (ffi.ARGUMENT, 1)),
+        DNNL_ARG_DIFF_WEIGHTS: (desc, blocked)})
+    plan.onednn(c.dnnl.reorder(desc, c.kernel), {DNNL_ARG_SRC: (desc, blocked),
+                                                  DNNL_ARG_DST: (c.kernel, _Y)})
 
 
 def _out_shape(x_shape, kernel_shape, strides, padding, depthwise):

@@ -9,7 +9,6 @@ offers no float32 Winograd on this CPU class. The input transform is C (``winogr
 layer, and its error against XLA's convolution: ``benchmarks/README.md``.
 """
 
-import ctypes
 import functools
 
 import jax.numpy as jnp
@@ -70,9 +69,7 @@ def native_transform():
     library = native.library("winograd")
     if library is None or not ffi.available():
         return None
-    transform = library.winograd_input_transform
-    transform.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 4
-    return transform
+    return library.winograd_input_transform
 
 
 @functools.cache
@@ -81,11 +78,9 @@ def _native_transform_plan(x_shape) -> int | None:
     transform = native_transform()
     if transform is None:
         return None
-
-    def run(args, rets):
-        if transform(args[0], rets[0], *x_shape):
-            raise MemoryError("winograd_input_transform could not allocate its zero row")
-    return ffi.register(run)
+    plan = ffi.Plan()
+    plan.function(transform, (ffi.ARGUMENT, 0), (ffi.RESULT, 0), x_shape)
+    return plan.number
 
 
 def input_transform(x):
