@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from absl import logging
-from array_record.python.array_record_data_source import ArrayRecordDataSource
-from array_record.python.array_record_module import ArrayRecordWriter
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
 from fracture_jax.data.decode import resize
 from fracture_jax.data.decode import decode
@@ -27,7 +26,8 @@ CHUNK = 256  # examples decoded at a time (their original bytes held in memory m
 
 
 class DecodedSource:
-    """Random access to one split's decoded images: ``{"image": (S, S, 3) uint8, "label"}``."""
+    """Random access to one split's decoded images: ``source[i]`` is ``{"image": (S, S, 3)
+    uint8, "label"}``, ``source.take(indices)`` a whole batch of them in one read."""
 
     def __init__(self, directory: Path, split: str):
         index = json.loads((directory / INDEX).read_text())
@@ -35,23 +35,30 @@ class DecodedSource:
         self.labels = np.asarray(index["splits"][split]["labels"], np.int32)
         self.filenames = list(index["splits"][split]["filenames"])
         self.path = str(directory / f"{split}.array_record")
-        self._records = None
+        self._reader = None
 
     @property
-    def records(self):
-        if self._records is None:  # opened lazily: the source is pickled into grain's workers
-            self._records = ArrayRecordDataSource([self.path])
-        return self._records
+    def reader(self) -> ArrayRecordReader:
+        if self._reader is None:  # opened lazily: the source is pickled into grain's workers
+            self._reader = ArrayRecordReader(self.path, "readahead_buffer_size:0")
+        return self._reader
 
     def __getstate__(self):
-        return dict(self.__dict__, _records=None)
+        return dict(self.__dict__, _reader=None)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict:
-        image = np.frombuffer(self.records[index], np.uint8).reshape(self.side, self.side, 3)
-        return {"image": image, "label": self.labels[index]}
+        batch = self.take([index])
+        return {"image": batch["image"][0], "label": batch["label"][0]}
+
+    def take(self, indices) -> dict:
+        """``{"image": (k, S, S, 3) uint8, "label": (k,)}`` of examples ``indices``."""
+        indices = [int(i) for i in indices]
+        pixels = b"".join(self.reader.read(indices)) if indices else b""
+        images = np.frombuffer(pixels, np.uint8).reshape(len(indices), self.side, self.side, 3)
+        return {"image": images, "label": self.labels[indices]}
 
 
 def _name(example) -> str:
