@@ -1,7 +1,8 @@
 """How much of the jitted step's speed a real training loop keeps.
 
 For each case prints one JSON line: ``step_img_s`` (the phase's jitted train step alone, on
-one batch already on the devices, median over ``--steps``), ``loop_img_s`` (a real
+one batch already on the devices, dispatched ahead as the loop dispatches it: the median over
+blocks of the loop's log interval, at least three and ``--steps`` steps in all), ``loop_img_s`` (a real
 ``train_and_evaluate`` epoch through the loader, from the loop's own progress lines after the
 first interval, median) and ``loop_efficiency``, their ratio.
 
@@ -51,7 +52,8 @@ def _config(case: str, root: str, workers: int):
 
 
 def step_speed(config, steps: int) -> float:
-    """Images/s of the phase's jitted train step on one resident batch."""
+    """Images/s of the phase's jitted train step on one resident batch, in blocks of the
+    loop's log interval (no sync inside a block, as in the loop), median over the blocks."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -73,14 +75,18 @@ def step_speed(config, steps: int) -> float:
     host = {"image": rng.integers(0, 256, (batch, size, size, 3)).astype(np.uint8),
             "label": rng.integers(0, 2, batch).astype(np.int32)}
     data = parallel.shard_batch(host, mesh)  # uint8: the models cast their input themselves
-    key, times = jax.random.key(0), []
-    for i in range(steps + 2):  # two untimed: compile, warm-up
+    key = jax.random.key(0)
+    state = program.train_step(state, data, key)[0]  # compile
+    every, rates = config.train.log_every, []
+    for _ in range(max(3, steps // every)):  # as the loop runs: dispatched ahead, no sync
+        jax.block_until_ready(state)
         t = time.perf_counter()
-        out = program.train_step(state, data, key)
-        state = out[0]
+        for _ in range(every):
+            out = program.train_step(state, data, key)
+            state = out[0]
         jax.block_until_ready(out[1])
-        times.append(time.perf_counter() - t)
-    return batch / statistics.median(times[2:])
+        rates.append(every * batch / (time.perf_counter() - t))
+    return statistics.median(rates)
 
 
 class _Rates(logging.Handler):
@@ -130,7 +136,7 @@ def main():
     p.add_argument("--cases", default="smallcnn,efficientnetb2_frozen")
     p.add_argument("--devices", type=int, default=4, help="faked CPU devices (CPU only)")
     p.add_argument("--workers", type=int, default=0, help="grain worker processes")
-    p.add_argument("--steps", type=int, default=10, help="timed steps for step_img_s")
+    p.add_argument("--steps", type=int, default=10, help="timed steps for step_img_s (in blocks of the case's log interval)")
     p.add_argument("--baseline", default="", help="another checkout, run after each case")
     p.add_argument("--repeats", type=int, default=3,
                    help="runs of each case (and tree), interleaved; a summary line gives the "

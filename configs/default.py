@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
     d.decoded_side = 0  # side of the images decoded once and stored as uint8 (0: the model's
     # image_size; larger keeps detail for zoom crops, at side^2 * 3 bytes per image on disk)
     d.num_workers = 2  # grain worker processes reading batches (0: in the main process)
-    d.prefetch = 2  # batches each worker prepares ahead
+    d.prefetch = 2  # batches read ahead, by that many threads (0: read when the loop asks)
     d.sampling = "shuffled"  # shuffled, or balanced: every batch half fractured, half not
     d.mixup_alpha = 0.0  # MixUp: Beta(alpha, alpha) blend weight (0: off; 0.2-0.4 is usual)
     d.cutmix_alpha = 0.0  # CutMix: Beta(alpha, alpha) box share (0: off; 1.0 is usual)

@@ -47,8 +47,8 @@ def _die_with_parent(worker_index: int, worker_count: int):
 def _iterate(ds: grain.MapDataset, num_workers: int, prefetch: int) -> grain.IterDataset:
     """``ds``'s batches read ahead: ``prefetch`` at a time by threads, or by ``num_workers``
     processes."""
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, prefetch),
-                                              prefetch_buffer_size=2 * max(1, prefetch)))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch,
+                                              prefetch_buffer_size=2 * prefetch))
     if num_workers > 0:
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (notebooks, scripts)
             flags.FLAGS.mark_as_parsed()
