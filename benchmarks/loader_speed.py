@@ -11,7 +11,9 @@ worker count, one JSON line each (median of ``--repeats``):
   this path's figure is an upper bound of what it was;
 - ``decoded``: the train stream of the decoded copy (uint8 arrays read and batched).
 
-With ``workers`` 0 everything runs in this process's one thread: the figure is per core.
+With ``workers`` 0 and ``--prefetch 0`` (the default) everything runs in this process's one
+thread: the figure is per core. ``img_per_cpu_s`` divides by the process's CPU time instead of
+the wall time (worker processes not counted).
 """
 
 import argparse
@@ -40,19 +42,21 @@ def _jpeg_example(example, size):
             "label": np.int32(example["label"])}
 
 
-def jpeg_stream(source, size, batch, seed, workers):
+def jpeg_stream(source, size, batch, seed, workers, prefetch):
     ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
     ds = ds.map(functools.partial(_jpeg_example, size=size)).batch(batch, drop_remainder=True)
-    return iter(_iterate(ds, workers, prefetch=2))
+    return iter(_iterate(ds, workers, prefetch))
 
 
-def measure(it, batch, batches, warmup):
+def measure(it, batch, batches, warmup) -> tuple[float, float]:
+    """(images per second of wall time, per second of this process's CPU time)."""
     for _ in range(warmup):
         next(it)
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     for _ in range(batches):
         next(it)
-    return batches * batch / (time.perf_counter() - t)
+    images = batches * batch
+    return images / (time.perf_counter() - t), images / max(time.process_time() - cpu, 1e-9)
 
 
 def main():
@@ -64,6 +68,8 @@ def main():
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prefetch", type=int, default=0,
+                   help="read-ahead threads (0: in the timing thread itself)")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         prepare(a.data, tmp)
@@ -76,17 +82,23 @@ def main():
                           "threads": os.cpu_count()}), flush=True)
         for workers in (int(w) for w in a.workers.split(",")):
             for path in ("jpeg", "decoded"):
-                rates = []
+                rates, cpu_rates = [], []
                 for seed in range(a.repeats):
-                    it = (jpeg_stream(originals["train"], a.size, a.batch, seed, workers)
+                    it = (jpeg_stream(originals["train"], a.size, a.batch, seed, workers,
+                                      a.prefetch)
                           if path == "jpeg" else
-                          iter(train_dataset(decoded["train"], a.batch, seed, workers)))
-                    rates.append(measure(it, a.batch, a.batches, a.warmup))
+                          iter(train_dataset(decoded["train"], a.batch, seed, workers,
+                                             a.prefetch)))
+                    rate, cpu_rate = measure(it, a.batch, a.batches, a.warmup)
+                    rates.append(rate)
+                    cpu_rates.append(cpu_rate)
                     it.close()
                 print(json.dumps({"bench": "train_pipeline", "path": path, "workers": workers,
                                   "image_size": a.size, "batch": a.batch,
                                   "img_per_s_median": round(float(np.median(rates)), 1),
                                   "img_per_s_runs": [round(r, 1) for r in rates],
+                                  "img_per_cpu_s_median": round(float(np.median(cpu_rates)), 1),
+                                  "prefetch": a.prefetch,
                                   "cores": os.cpu_count(),
                                   "data": os.path.abspath(a.data)}), flush=True)
 

@@ -21,8 +21,10 @@ The map:
     sharding.py      typing parameters and native results per device inside shard_map
     onednn.py        oneDNN's convolutions, built per shape as plans of ``ffi``
     winograd.py/.c   Winograd's F(2x2, 3x3) for wide 3x3 layers, its input transform in C
-    ffi.py           one XLA FFI custom call that runs the plans
-    ffi_handler.cc   its handler, in C++ against the XLA FFI headers jaxlib ships
+    ffi.py           plans of native steps (oneDNN primitives, C functions) and the one XLA
+                     FFI custom call that runs them
+    ffi_handler.cc   its handler, in C++ against the XLA FFI headers jaxlib ships: runs a
+                     plan's steps itself, with no Python and no GIL
     native.py        compiles the C/C++ sources on first use, cached per source and CPU
     host_memory.py   glibc malloc tunables for XLA's CPU buffers (CPU hosts only)
 
