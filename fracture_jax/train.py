@@ -629,6 +629,12 @@ class _Trainer:
                                         self.batch, self.mesh)
         else:
             val = self.predict(program, state, self.sources["val"])
+        if not np.isfinite(val[0]).all():
+            raise UserError(
+                f"the model diverged: its val outputs are not finite after epoch "
+                f"{loop.epoch + 1} (train loss {metrics['train_loss']:.4g}); training stopped "
+                f"(the best epoch so far is in {self.ckpt.best.directory}). Lower optimizer.lr "
+                "or set optimizer.grad_clip")
         metrics |= epoch_metrics(*val, "val")
         logging.info("epoch %d: %s", loop.epoch + 1,
                      ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "epoch"))

@@ -5,6 +5,7 @@ Real X-rays come from ``../shared/data/fracatlas`` (or ``$FRACATLAS_DIR``) when 
 otherwise the tests that use them run on phantoms generated here.
 """
 
+import importlib
 import os
 import shutil
 import tempfile
@@ -14,7 +15,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402,F401  (reads its settings now: the cache below is for child processes)
+importlib.import_module("jax")  # JAX reads its settings now: the cache below is for children
 
 # The many `main.py` processes the tests start compile the same programs; with one cache for
 # the session each compiles once. Set after JAX's import, so this process does not use it.

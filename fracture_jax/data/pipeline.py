@@ -61,7 +61,7 @@ def _iterate(ds: grain.MapDataset, num_workers: int, prefetch: int) -> grain.Ite
 _ENDLESS = 2 ** 40  # batches in the "endless" train stream
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=8)  # the epochs (or per-class rounds) batches straddle
 def _permutation(n: int, seed: int, round_: int) -> np.ndarray:
     return np.random.default_rng([seed, round_]).permutation(n)
 
