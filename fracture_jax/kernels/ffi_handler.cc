@@ -11,6 +11,7 @@
 // scratchpad between primitives when several (faked) CPU devices call at once.
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <deque>
 #include <memory>
 #include <mutex>
@@ -162,8 +163,12 @@ static std::string RunOneDnn(const Step &step, const std::vector<void *> *buffer
 static std::string RunPlan(const Plan &plan, std::vector<void *> *buffers) {
   std::vector<std::unique_ptr<void, FreeDeleter>> scratch;
   for (size_t bytes : plan.scratch) {
-    scratch.emplace_back(std::aligned_alloc(64, (bytes + 63) / 64 * 64 + 64));
+    size_t size = (bytes + 63) / 64 * 64 + 64;
+    scratch.emplace_back(std::aligned_alloc(64, size));
     if (!scratch.back()) return "could not allocate " + std::to_string(bytes) + " bytes";
+    // Zeroed: a blocked kernel layout pads its channels, and oneDNN's kernels may read the
+    // padding as zeros; memory reused from the heap would put old values there.
+    std::memset(scratch.back().get(), 0, size);
     buffers[kScratch].push_back(scratch.back().get());
   }
   for (const Step &step : plan.steps) {
