@@ -1,27 +1,15 @@
-"""Test setup: 8 faked CPU devices (set before JAX is imported), Keras on JAX, absl flags parsed;
-the runs that tests start as processes share one persistent XLA compilation cache.
+"""Test setup: 8 faked CPU devices (set before JAX is imported), Keras on JAX, absl flags parsed.
 
 Real X-rays come from ``../shared/data/fracatlas`` (or ``$FRACATLAS_DIR``) when present;
 otherwise the tests that use them run on phantoms generated here.
 """
 
-import importlib
 import os
-import shutil
-import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-importlib.import_module("jax")  # JAX reads its settings now: the cache below is for children
-
-# The many `main.py` processes the tests start compile the same programs; with one cache for
-# the session each compiles once. Set after JAX's import, so this process does not use it.
-XLA_CACHE = tempfile.mkdtemp(prefix="fracture_jax_tests_xla_")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", XLA_CACHE)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 from pathlib import Path  # noqa: E402
 
@@ -65,7 +53,3 @@ def images_at(pil_images, size: int) -> np.ndarray:
     """PIL images -> float32 (N, size, size, 3) RGB 0-255."""
     from fracture_jax.data.decode import resize
     return np.stack([resize(img, size) for img in pil_images])
-
-
-def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(XLA_CACHE, ignore_errors=True)

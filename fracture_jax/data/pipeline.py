@@ -153,9 +153,6 @@ class _Features:
     features: np.ndarray  # (examples, C)
     labels: np.ndarray
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
     def take(self, indices) -> dict:
         return {"image": self.features[indices], "label": self.labels[indices]}
 
