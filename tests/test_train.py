@@ -174,3 +174,19 @@ def test_batch_must_split_over_devices(phantom_root, tmp_path):
     config = tiny_config(**{"data.root": str(phantom_root), "train.batch_size": 6})
     with pytest.raises(UserError, match="multiple of the device count"):
         train_and_evaluate(config, str(tmp_path))
+
+
+def test_the_step_computes_its_finite_flag_once():
+    """The flag that keeps a non-finite step from being applied is computed once, not copied
+    into the select of every state leaf (XLA did: the and-chain times ~750 selects made the
+    ResNet50 step compile 5x slower). Without the barrier this smallcnn step has ~2,600 ands."""
+    config = tiny_config(**{"optimizer.name": "adam"})
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    variables, _ = initial_variables(config, jax.random.key(0))
+    program = compile_phase(config, Phase(0, 0, frozenset(), 1.0), False, 10, mesh)
+    state = parallel.replicate(TrainState.create(variables["params"], variables["batch_stats"],
+                                                 program.init_opt_state(variables["params"])),
+                               mesh)
+    batch = parallel.shard_batch(_batches(1)[0], mesh)
+    hlo = program.train_step.lower(state, batch, jax.random.key(1)).compile().as_text()
+    assert hlo.count(" and(") < 2 * len(jax.tree.leaves(state))
