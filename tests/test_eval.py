@@ -29,9 +29,7 @@ from fracture_jax.evaluate import evaluate, failure_flags, score
 from fracture_jax.gradcam import grad_cam
 from fracture_jax.inference import make_forward, predict
 from fracture_jax.models import FractureClassifier
-from fracture_jax.models.builder import initial_variables
-from fracture_jax.train import Phase, TrainState, compile_phase
-from test_train import NO_AUGMENTATION, tiny_config
+from test_train import NO_AUGMENTATION, start_phase, tiny_config
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",
@@ -87,11 +85,7 @@ def test_grad_cam_highlights_the_region_that_carries_the_signal():
     config = tiny_config(**NO_AUGMENTATION, **{"model.image_size": 64, "optimizer.name": "adam",
                                                "optimizer.lr": 3e-3, "train.batch_size": 32})
     mesh = parallel.make_mesh(jax.devices()[:1])
-    variables, _ = initial_variables(config, jax.random.key(0))
-    program = compile_phase(config, Phase(0, 0, frozenset(), 1.0), False, 10, mesh)
-    state = parallel.replicate(TrainState.create(variables["params"], variables["batch_stats"],
-                                                 program.init_opt_state(variables["params"])),
-                               mesh)
+    variables, program, state = start_phase(config, mesh)
     rng = np.random.default_rng(0)
     for _ in range(150):
         x, y = _blob_images(32, rng)

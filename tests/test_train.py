@@ -38,13 +38,19 @@ def tiny_config(**overrides):
     return c
 
 
-def run_steps(config, devices, frozen, batches, steps=3):
-    mesh = parallel.make_mesh(devices)
+def start_phase(config, mesh, frozen=frozenset()):
+    """(initial variables, the phase's compiled program, its replicated first state)."""
     variables, _ = initial_variables(config, jax.random.key(0))
     program = compile_phase(config, Phase(0, 0, frozen, 1.0), False, 10, mesh)
     state = parallel.replicate(TrainState.create(variables["params"], variables["batch_stats"],
                                                  program.init_opt_state(variables["params"])),
                                mesh)
+    return variables, program, state
+
+
+def run_steps(config, devices, frozen, batches, steps=3):
+    mesh = parallel.make_mesh(devices)
+    variables, program, state = start_phase(config, mesh, frozen)
     for i in range(steps):
         state, loss, _ = program.train_step(state, parallel.shard_batch(batches[i], mesh),
                                             jax.random.key(1))
@@ -182,11 +188,7 @@ def test_the_step_computes_its_finite_flag_once():
     ResNet50 step compile 5x slower). Without the barrier this smallcnn step has ~2,600 ands."""
     config = tiny_config(**{"optimizer.name": "adam"})
     mesh = parallel.make_mesh(jax.devices()[:1])
-    variables, _ = initial_variables(config, jax.random.key(0))
-    program = compile_phase(config, Phase(0, 0, frozenset(), 1.0), False, 10, mesh)
-    state = parallel.replicate(TrainState.create(variables["params"], variables["batch_stats"],
-                                                 program.init_opt_state(variables["params"])),
-                               mesh)
+    _, program, state = start_phase(config, mesh)
     batch = parallel.shard_batch(_batches(1)[0], mesh)
     hlo = program.train_step.lower(state, batch, jax.random.key(1)).compile().as_text()
     assert hlo.count(" and(") < 2 * len(jax.tree.leaves(state))
