@@ -2,20 +2,24 @@
 
 For each case prints one JSON line: ``step_img_s`` (the phase's jitted train step alone, on
 one batch already on the devices, dispatched ahead as the loop dispatches it: the median over
-blocks of the loop's log interval, at least three and ``--steps`` steps in all), ``loop_img_s`` (a real
+blocks of the loop's log interval, at least three and ``--steps`` steps in all, timed before
+and again after the loop), ``loop_img_s`` (a real
 ``train_and_evaluate`` epoch through the loader, from the loop's own progress lines after the
 first interval, median) and ``loop_efficiency``, their ratio.
 
     python benchmarks/loop_overhead.py [--cases smallcnn,efficientnetb2_frozen] [--devices 4]
-        [--workers 0] [--repeats 3] [--baseline /tmp/fracture_jax_old]
+        [--workers 0] [--repeats 3] [--dispatch 1,log] [--baseline /tmp/fracture_jax_old]
 
 Cases: ``smallcnn`` (96 px, batch 64), ``smallcnn_tiny`` (32 px, batch 16: a step of
 milliseconds on a 2-core CPU) and ``efficientnetb2_frozen`` (260 px, batch 32, random weights,
 backbone frozen, augmentation on). The data are phantoms
-written at the case's size into a temporary folder. With ``--baseline DIR`` (another checkout,
+written at the case's size into a temporary folder. ``--dispatch`` lists the
+``train.steps_per_dispatch`` values to run each case with (default: 1, the loop's default;
+``log``: the case's log interval, one call per progress line); the step figure is always one
+step per call. With ``--baseline DIR`` (another checkout,
 e.g. a ``git worktree`` of an older commit) each case runs there too, right after. Each case
-runs ``--repeats`` times, the trees interleaved, and a ``summary`` line gives the medians: on a
-2-core CPU one run's step figure alone can move by 1.5x.
+runs ``--repeats`` times, the trees and dispatch values interleaved, and a ``summary`` line
+gives the medians: on a 2-core CPU one run's step figure alone can move by 1.5x.
 """
 
 import argparse
@@ -38,7 +42,7 @@ CASES = {  # model, image size, batch, freeze, steps per epoch, log every
 }
 
 
-def _config(case: str, root: str, workers: int):
+def _config(case: str, root: str, workers: int, dispatch: int = 1):
     from configs import default
     model, size, batch, freeze, steps, every = CASES[case]
     c = default.get_config()
@@ -47,13 +51,17 @@ def _config(case: str, root: str, workers: int):
     c.train.batch_size, c.train.freeze, c.train.epochs = batch, freeze, 1
     c.train.steps_per_epoch, c.train.log_every, c.train.checkpoint_every = steps, every, 0
     c.train.cache_features = "off"
+    if dispatch > 1:
+        if "steps_per_dispatch" not in c.train:
+            raise SystemExit("this tree has no train.steps_per_dispatch")
+        c.train.steps_per_dispatch = dispatch
     c.eval.after_train = False
     return c
 
 
-def step_speed(config, steps: int) -> float:
-    """Images/s of the phase's jitted train step on one resident batch, in blocks of the
-    loop's log interval (no sync inside a block, as in the loop), median over the blocks."""
+def step_timer(config, steps: int):
+    """A function that times the phase's jitted train step on one resident batch, in blocks of
+    the loop's log interval (no sync inside a block, as in the loop): images/s of each block."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -76,17 +84,21 @@ def step_speed(config, steps: int) -> float:
             "label": rng.integers(0, 2, batch).astype(np.int32)}
     data = parallel.shard_batch(host, mesh)  # uint8: the models cast their input themselves
     key = jax.random.key(0)
-    state = program.train_step(state, data, key)[0]  # compile
-    every, rates = config.train.log_every, []
-    for _ in range(max(3, steps // every)):  # as the loop runs: dispatched ahead, no sync
-        jax.block_until_ready(state)
-        t = time.perf_counter()
-        for _ in range(every):
-            out = program.train_step(state, data, key)
-            state = out[0]
-        jax.block_until_ready(out[1])
-        rates.append(every * batch / (time.perf_counter() - t))
-    return statistics.median(rates)
+    state = [program.train_step(state, data, key)[0]]  # compile
+    every = config.train.log_every
+
+    def rates() -> list[float]:
+        found = []
+        for _ in range(max(3, steps // every)):  # as the loop runs: dispatched ahead, no sync
+            jax.block_until_ready(state[0])
+            t = time.perf_counter()
+            for _ in range(every):
+                out = program.train_step(state[0], data, key)
+                state[0] = out[0]
+            jax.block_until_ready(out[1])
+            found.append(every * batch / (time.perf_counter() - t))
+        return found
+    return rates
 
 
 class _Rates(logging.Handler):
@@ -121,13 +133,19 @@ def run_case(case: str, a) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         per_class = max(24, steps * batch // 2 + batch)
         root = str(write_phantoms(os.path.join(tmp, "data"), per_class, size, seed=0))
-        config = _config(case, root, a.workers)
-        step = step_speed(config, a.steps)
-        loop = loop_speed(config, os.path.join(tmp, "run"))
+        config = _config(case, root, a.workers, a.dispatch)
+        timer = step_timer(config, a.steps)
+        before = timer()  # the step is timed before and after the loop, and their blocks'
+        loop = loop_speed(config, os.path.join(tmp, "run"))  # median taken: this machine's
+        after = timer()  # speed drifts, and one figure taken a minute apart can be off by 2x
+    step = statistics.median(before + after)
     import jax
     return {"bench": "loop_overhead", "case": case, "tree": a.tree, "image_size": size,
             "batch": batch, "devices": jax.device_count(), "workers": a.workers,
-            "step_img_s": round(step, 2), "loop_img_s": round(loop, 2),
+            "steps_per_dispatch": int(a.dispatch),
+            "step_img_s": round(step, 2), "step_img_s_before_after": [
+                round(statistics.median(before), 2), round(statistics.median(after), 2)],
+            "loop_img_s": round(loop, 2),
             "loop_efficiency": round(loop / step, 3)}
 
 
@@ -141,41 +159,49 @@ def main():
     p.add_argument("--repeats", type=int, default=3,
                    help="runs of each case (and tree), interleaved; a summary line gives the "
                         "medians")
+    p.add_argument("--dispatch", default="1",
+                   help="train.steps_per_dispatch values, comma-separated; 'log': the case's "
+                        "log interval (which should be a multiple of each)")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child process
     p.add_argument("--tree", default=str(ROOT), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:  # in a fresh process: the device count is fixed when JAX starts
+        a.dispatch = CASES[a.cases][5] if a.dispatch == "log" else int(a.dispatch)
         sys.path.insert(0, a.tree)
         from fracture_jax.kernels.host_memory import restart_with_tunables
         restart_with_tunables()
         print(json.dumps(run_case(a.cases, a)), flush=True)
         return
+    variants = [(tree, k) for tree in filter(None, (str(ROOT), a.baseline))
+                for k in a.dispatch.split(",")]
     for case in a.cases.split(","):
         runs = {}
-        for _ in range(a.repeats):  # interleaved: a slow spell of the machine hits both trees
-            for tree in filter(None, (str(ROOT), a.baseline)):
-                result = _child(case, tree, a)
+        for _ in range(a.repeats):  # interleaved: a slow spell of the machine hits them all
+            for variant in variants:
+                result = _child(case, *variant, a)
                 print(json.dumps(result), flush=True)
                 if "error" not in result:
-                    runs.setdefault(tree, []).append(result)
-        for tree, found in runs.items():
+                    runs.setdefault(variant, []).append(result)
+        for (tree, k), found in runs.items():
             print(json.dumps({"summary": "loop_overhead", "case": case, "tree": tree,
-                              "runs": len(found)} | {
+                              "steps_per_dispatch": k, "runs": len(found)} | {
                 k: statistics.median(r[k] for r in found)
                 for k in ("step_img_s", "loop_img_s", "loop_efficiency")}), flush=True)
 
 
-def _child(case: str, tree: str, a) -> dict:
+def _child(case: str, tree: str, dispatch: str, a) -> dict:
     """One case in a fresh process (the device count is fixed when JAX starts)."""
     env = {k: v for k, v in os.environ.items() if k != "FRACTURE_JAX_RESTARTED"}
     if not any(p in env.get("JAX_PLATFORMS", "cpu") for p in ("cuda", "gpu", "tpu")):
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                             f" --xla_force_host_platform_device_count={a.devices}")
     out = subprocess.run([sys.executable, __file__, "--one", "--cases", case, "--workers",
-                          str(a.workers), "--steps", str(a.steps), "--tree", tree],
+                          str(a.workers), "--steps", str(a.steps), "--tree", tree,
+                          "--dispatch", dispatch],
                          cwd=tree, env=env, capture_output=True, text=True)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     return json.loads(lines[-1]) if lines else {"case": case, "tree": tree,
+                                                "steps_per_dispatch": dispatch,
                                                 "error": out.stderr[-3000:]}
 
 

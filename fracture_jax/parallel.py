@@ -16,9 +16,10 @@ def make_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices if devices is not None else jax.devices()), (AXIS,))
 
 
-def shard_batch(batch: dict, mesh: Mesh) -> dict:
-    """This process's slice of the global batch -> global arrays split over the 'batch' axis."""
-    sharding = NamedSharding(mesh, P(AXIS))
+def shard_batch(batch: dict, mesh: Mesh, stacked: bool = False) -> dict:
+    """This process's slice of the global batch -> global arrays split over the 'batch' axis
+    (``stacked``: several batches, (n, batch, ...), split on their second axis)."""
+    sharding = NamedSharding(mesh, P(None, AXIS) if stacked else P(AXIS))
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in batch.items()}
 

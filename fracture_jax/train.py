@@ -148,6 +148,13 @@ def accumulate_steps(config) -> int:
     return k
 
 
+def steps_per_dispatch(config) -> int:
+    k = config.train.steps_per_dispatch
+    if not isinstance(k, int) or k < 1:
+        raise UserError(f"train.steps_per_dispatch={k!r}: use a whole number >= 1")
+    return k
+
+
 def sampling_balanced(config) -> bool:
     if config.data.sampling not in ("shuffled", "balanced"):
         raise UserError(f"data.sampling={config.data.sampling!r}: use shuffled or balanced")
@@ -198,11 +205,14 @@ def step_images(batch_images, state_step, rng, augment: Augment | None, image_si
 
 
 def make_train_step(model, tx, mesh, frozen_names: frozenset, config,
-                    image_size: int | None = None):
+                    image_size: int | None = None, chain: int = 1):
     """jit(shard_map(step)): (state, global batch, rng) -> (state, mean loss, logits).
 
     A step whose loss or update is not finite changes nothing but the step count, and records
-    itself in ``state.bad_step``: the loop reads that when it next syncs with the device."""
+    itself in ``state.bad_step``: the loop reads that when it next syncs with the device.
+    ``chain`` > 1: one call runs that many steps in a row (``lax.scan``, the same steps) on
+    stacked batches (chain, global batch, ...) and returns their losses (chain,) and logits
+    (chain, global batch): one dispatch and one transfer for them all."""
     pos_weight, smoothing = config.train.pos_weight, config.train.label_smoothing
     augment, mixing = Augment.from_config(config.data.augment), Mixing.from_config(config.data)
 
@@ -248,9 +258,21 @@ def make_train_step(model, tx, mesh, frozen_names: frozenset, config,
                                                new.variables))
         return new, loss, logits
 
-    sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(parallel.AXIS), P()),
-                            out_specs=(P(), P(), P(parallel.AXIS)))
+    batches = P(parallel.AXIS) if chain == 1 else P(None, parallel.AXIS)
+    sharded = jax.shard_map(step if chain == 1 else _in_a_row(step), mesh=mesh,
+                            in_specs=(P(), batches, P()), out_specs=(P(), P(), batches))
     return jax.jit(sharded, donate_argnums=0)
+
+
+def _in_a_row(step):
+    """``step`` run over stacked batches, one after the other."""
+    def steps(state, batches, rng):
+        def one(state, batch):
+            state, loss, logits = step(state, batch, rng)
+            return state, (loss, logits)
+        state, (losses, logits) = lax.scan(one, state, batches)
+        return state, losses, logits
+    return steps
 
 
 # ---------------------------------------------------------------- phases
@@ -290,6 +312,7 @@ class PhaseProgram:
     train_step: Any
     forward: Any  # images -> logits
     head_forward: Any  # pooled backbone features -> logits, when the steps take cached ones
+    train_chain: Any = None  # train.steps_per_dispatch steps in one call (when over 1)
 
     @property
     def cached(self) -> bool:
@@ -308,11 +331,15 @@ def compile_phase(config, phase: Phase, rescaling: bool, steps_per_epoch: int,
     lr = updates_lr if k == 1 else (lambda step: updates_lr(step // k))  # by step
     whole = phase.frozen == frozen_layers(config.model.name, "all")
     head = model.clone(pooled_inputs=True) if feature_cache.applies(config, whole) else None
-    size = config.model.image_size
-    return PhaseProgram(phase, model, tx, lr,
-                        make_train_step(head or model, tx, mesh, phase.frozen, config,
-                                        None if head else size),
-                        make_forward(model, mesh, size), head and make_forward(head, mesh))
+    size = None if head else config.model.image_size
+    chain = steps_per_dispatch(config)
+
+    def steps(n):  # (compiled at their first call only)
+        return make_train_step(head or model, tx, mesh, phase.frozen, config, size, n)
+
+    return PhaseProgram(phase, model, tx, lr, steps(1), make_forward(model, mesh,
+                        config.model.image_size), head and make_forward(head, mesh),
+                        steps(chain) if chain > 1 else None)
 
 
 # ---------------------------------------------------------------- the loop's state
@@ -373,16 +400,16 @@ class TrainOutputs:
         return cls(np.zeros(examples, np.float32), np.zeros(examples, np.int32))
 
     def put(self, step_in_epoch: int, logits, labels):
-        """Keep step ``step_in_epoch``'s global batch, as device arrays (every batch of the
-        epoch has one size)."""
+        """Keep the global batch of step ``step_in_epoch`` (or the stacked batches of the steps
+        from it on), as device arrays (every batch of the epoch has one size)."""
         self.pending.append((step_in_epoch, logits, labels))
 
     def fetch(self):
         """Copy the pending logits and labels into the buffers (waits for their steps)."""
         for i, logits, labels in self.pending:
-            n = logits.shape[0]
-            self.logits[i * n:(i + 1) * n] = parallel.to_host(logits)
-            self.labels[i * n:(i + 1) * n] = parallel.to_host(labels)
+            start = i * logits.shape[-1]
+            self.logits[start:start + logits.size] = parallel.to_host(logits).reshape(-1)
+            self.labels[start:start + labels.size] = parallel.to_host(labels).reshape(-1)
         self.pending.clear()
 
     def metrics(self) -> dict:
@@ -398,20 +425,57 @@ class TrainOutputs:
 
 # ---------------------------------------------------------------- the loop
 
+@dataclasses.dataclass(frozen=True)
+class Dispatch:
+    """The epoch's steps ``first`` to ``end - 1``, run by one call; whether the loop logs (and
+    reads the devices) and whether a checkpoint is due after them."""
+
+    first: int
+    end: int
+    logs: bool
+    saves: bool
+
+
+def dispatch_plan(first: int, steps: int, done: int, chain: int, logs, save_every: int
+                  ) -> list[Dispatch]:
+    """The epoch's steps from ``first`` on (``done`` steps trained before it) as calls: runs of
+    ``chain`` steps where no log step (``logs(i)``), checkpoint step or the epoch's end falls
+    before a run's last step, single steps elsewhere. Each run depends only on where it starts,
+    so a resumed run dispatches the rest of the epoch as the uninterrupted one did."""
+    def saves(i):
+        return save_every > 0 and (done + i + 1 - first) % save_every == 0
+
+    def event(i):
+        return logs(i) or saves(i) or i + 1 == steps
+
+    plan, i = [], first
+    while i < steps:
+        n = chain if i + chain <= steps and not any(map(event, range(i, i + chain - 1))) else 1
+        plan.append(Dispatch(i, i + n, logs(i + n - 1), saves(i + n - 1)))
+        i += n
+    return plan
+
+
 class _Feed:
-    """Train batches put on the devices ahead of their steps (up to ``ahead``), never past the
-    step after which the iterator's position is next saved."""
+    """Each dispatch's batches (stacked, for a run of steps) put on the devices ahead of it (up
+    to ``ahead`` dispatches), never past the one after which the iterator's position is next
+    saved."""
 
-    def __init__(self, batches, mesh, first: int, ahead: int = 2):
-        self.batches, self.mesh, self.ahead = batches, mesh, ahead
-        self.queue, self.next_index = collections.deque(), first
+    def __init__(self, batches, mesh, plan: list[Dispatch], ahead: int = 2):
+        self.batches, self.mesh, self.plan, self.ahead = batches, mesh, plan, ahead
+        self.queue, self.loaded = collections.deque(), 0
 
-    def take(self, i: int, last: int):
-        """The device batch of step ``i``; batches up to step ``last`` may load."""
-        while self.next_index <= min(i + self.ahead, last):
-            batch = parallel.shard_batch(next(self.batches), self.mesh)
+    def take(self, d: int):
+        """The device batches of dispatch ``d`` of the plan."""
+        while (self.loaded < min(d + self.ahead + 1, len(self.plan))
+               and (self.loaded == d or not self.plan[self.loaded - 1].saves)):
+            run = self.plan[self.loaded]
+            host = [next(self.batches) for _ in range(run.end - run.first)]
+            batch = (parallel.shard_batch(host[0], self.mesh) if len(host) == 1 else
+                     parallel.shard_batch({k: np.stack([b[k] for b in host]) for k in host[0]},
+                                          self.mesh, stacked=True))
             self.queue.append((batch, self.batches.get_state()))
-            self.next_index += 1
+            self.loaded += 1
         batch, self.position = self.queue.popleft()
         return batch
 
@@ -543,39 +607,42 @@ class _Trainer:
     def run_epoch(self, loop: LoopState, state, outputs: TrainOutputs, program, batches):
         """The rest of the epoch's steps; the state after them. The host reads from the devices
         only at log steps, checkpoints and the epoch's end (``check``); meanwhile the next
-        batches go to the devices ahead of their steps, and at most two steps are in flight."""
+        batches go to the devices ahead of their steps, and at most two calls are in flight
+        (a call: one step, or ``train.steps_per_dispatch`` in a row)."""
         c = self.config
         progress = _Progress(loop.epoch, c.train.epochs, self.steps, self.batch,
                              c.train.log_every)
-        every, step = c.train.checkpoint_every, int(state.step)
-        feed, in_flight = _Feed(batches, self.mesh, loop.step_in_epoch), collections.deque()
-        for i in range(loop.step_in_epoch, self.steps):
-            saves_in = (-(step + 1)) % every if every > 0 else self.steps
-            batch = feed.take(i, last=min(self.steps - 1, i + saves_in))
-            state, loss, logits = program.train_step(state, batch, self.rng)
-            step += 1
-            outputs.put(i, logits, batch["label"])
-            loop.step_in_epoch = i + 1
+        step = int(state.step)
+        plan = dispatch_plan(loop.step_in_epoch, self.steps, step, steps_per_dispatch(c),
+                             progress.due, c.train.checkpoint_every)
+        feed, in_flight = _Feed(batches, self.mesh, plan), collections.deque()
+        for d, run in enumerate(plan):
+            batch = feed.take(d)
+            train = program.train_step if run.end - run.first == 1 else program.train_chain
+            state, loss, logits = train(state, batch, self.rng)
+            step += run.end - run.first
+            outputs.put(run.first, logits, batch["label"])
+            loop.step_in_epoch = run.end
             in_flight.append(loss)
             if len(in_flight) > 2:
                 in_flight.popleft().block_until_ready()
             if loop.first_loss is None:  # the run's very first step: one read, for ``watch``
-                loop.first_loss = float(loss)
-            if progress.due(i):
+                loop.first_loss = float(np.asarray(loss).reshape(-1)[0])
+            if run.logs:
                 self.check(state)
-                value = float(loss)
+                value = float(np.asarray(loss).reshape(-1)[-1])
                 self.watch(loop, value, step)
                 lr = float(program.lr(step - 1))  # the rate this step used
-                progress.log(i, value, lr)
+                progress.log(run.end - 1, value, lr)
                 if self.writer:
                     self.writer.add_scalar("train/loss_step", value, step)
                     self.writer.add_scalar("train/lr", lr, step)
                     for group, factor in self.group_rates.items():
                         self.writer.add_scalar(f"lr_by_block/{group}", lr * factor, step)
-            if saves_in == 0 and i + 1 < self.steps:
+            if run.saves and run.end < self.steps:
                 self.check(state)
                 self.ckpt.save_latest(step, state, outputs.arrays(), batches, self.meta(loop))
-            if self.stop_requested(progress.due(i) or saves_in == 0):
+            if self.stop_requested(run.logs or run.saves):
                 self.stop(loop, state, outputs, batches, feed)
         return state
 

@@ -29,11 +29,11 @@ KILL_STEP = random.Random(KILL_SEED).randint(2, STEPS_PER_EPOCH * EPOCHS - 1)
 
 
 def _command(workdir, root, extra):
-    overrides = extra | {"model.name": "smallcnn", "model.image_size": 32, "data.root": root,
-                         "data.num_workers": 1, "train.batch_size": 8, "train.epochs": EPOCHS,
-                         "train.patience": 9, "train.checkpoint_every": 1, "train.log_every": 1,
-                         "optimizer.lr": 3e-3, "train.allow_chance": True,
-                         "eval.after_train": False}  # the checkpoints are compared, not reports
+    overrides = {"model.name": "smallcnn", "model.image_size": 32, "data.root": root,
+                 "data.num_workers": 1, "train.batch_size": 8, "train.epochs": EPOCHS,
+                 "train.patience": 9, "train.checkpoint_every": 1, "train.log_every": 1,
+                 "optimizer.lr": 3e-3, "train.allow_chance": True,
+                 "eval.after_train": False} | extra  # the checkpoints are compared, not reports
     return [sys.executable, str(REPO / "main.py"), "--config=" + str(REPO / "configs/default.py"),
             f"--workdir={workdir}", "--mode=train"] + [f"--config.{k}={v}" for k, v in overrides.items()]
 
@@ -100,6 +100,9 @@ def _best_state(workdir):
 CACHED_HEAD_PHASE = {"train.head_epochs": 1, **NO_AUGMENTATION}
 # The weights' EMA and gradient accumulation (an update every second step) are state too.
 EMA_AND_ACCUMULATION = {"train.ema_decay": 0.9, "train.accumulate_steps": 2}
+# Two steps per call where no log or checkpoint step comes between (single steps elsewhere).
+STEPS_IN_A_ROW = {"train.steps_per_dispatch": 2, "train.log_every": 2,
+                  "train.checkpoint_every": 2}
 
 
 @pytest.fixture(scope="module")
@@ -121,10 +124,12 @@ def straight(phantom_root, tmp_path_factory):
 
 @pytest.mark.parametrize("extra, kill_at, sig", [
     ({}, KILL_STEP, signal.SIGKILL), ({}, KILL_STEP, signal.SIGTERM),
-    (EMA_AND_ACCUMULATION, KILL_STEP, signal.SIGINT), (CACHED_HEAD_PHASE, 2, signal.SIGKILL)],
+    (EMA_AND_ACCUMULATION, KILL_STEP, signal.SIGINT), (CACHED_HEAD_PHASE, 2, signal.SIGKILL),
+    (STEPS_IN_A_ROW, KILL_STEP, signal.SIGTERM)],
     ids=[f"images-seed{KILL_SEED}-sigkill-at{KILL_STEP}",
          f"images-seed{KILL_SEED}-sigterm-at{KILL_STEP}",
-         f"ema-accumulation-seed{KILL_SEED}-sigint-at{KILL_STEP}", "cached-head-phase-sigkill-at2"])
+         f"ema-accumulation-seed{KILL_SEED}-sigint-at{KILL_STEP}", "cached-head-phase-sigkill-at2",
+         f"steps-in-a-row-seed{KILL_SEED}-sigterm-at{KILL_STEP}"])
 def test_stopped_at_a_step_then_resumed_is_bitwise_identical(phantom_root, tmp_path, straight,
                                                              extra, kill_at, sig):
     """SIGKILL, SIGTERM (a preemption) or SIGINT (Ctrl-C) at a step: the run stops (SIGTERM
@@ -208,15 +213,17 @@ def _schedule(monkeypatch, change):
     monkeypatch.setattr(train, "learning_rate_fn", changed)
 
 
+@pytest.mark.parametrize("in_a_row", [1, 3])
 def test_a_non_finite_step_is_skipped_and_stops_the_run_at_the_next_read(phantom_root, tmp_path,
-                                                                       monkeypatch):
+                                                                       monkeypatch, in_a_row):
     """Step 5's learning rate is NaN: its update is not applied, the loop finds out when it
     next reads from the device (step 6, a log step) and stops with the step named; the last
-    checkpoint (epoch 1, step 3) is kept and holds no NaN."""
+    checkpoint (epoch 1, step 3) is kept and holds no NaN. Also with each epoch's three steps
+    in one call (``train.steps_per_dispatch=3``)."""
     _schedule(monkeypatch, lambda count, lr: jnp.where(count == 4, jnp.nan, lr))  # 5th update
     config = tiny_config(**{"data.root": str(phantom_root), "data.num_workers": 0,
                             "train.epochs": 2, "train.log_every": 3,
-                            "train.checkpoint_every": 0})
+                            "train.checkpoint_every": 0, "train.steps_per_dispatch": in_a_row})
     with pytest.raises(UserError, match=r"the update is not finite .* at step 5 \(epoch 2\)"):
         train_and_evaluate(config, str(tmp_path))
     states = _latest_states(tmp_path)

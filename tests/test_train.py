@@ -14,8 +14,8 @@ from fracture_jax import parallel
 from fracture_jax.errors import UserError
 from fracture_jax.models import backbone_layers
 from fracture_jax.models.builder import frozen_layers, initial_variables
-from fracture_jax.train import (Phase, TrainState, bce_loss, compile_phase, learning_rate_fn,
-                                train_and_evaluate)
+from fracture_jax.train import (Phase, TrainState, bce_loss, compile_phase, dispatch_plan,
+                                learning_rate_fn, train_and_evaluate)
 
 
 NO_AUGMENTATION = {"data.augment.flip": False, "data.augment.rotate_deg": 0.0,
@@ -192,3 +192,58 @@ def test_the_step_computes_its_finite_flag_once():
     batch = parallel.shard_batch(_batches(1)[0], mesh)
     hlo = program.train_step.lower(state, batch, jax.random.key(1)).compile().as_text()
     assert hlo.count(" and(") < 2 * len(jax.tree.leaves(state))
+
+
+def test_steps_in_a_row_are_the_single_steps():
+    """train.steps_per_dispatch=3: one call of three steps on stacked batches (augmentation on,
+    two devices) gives bitwise the state, losses and logits of three single steps."""
+    config = tiny_config(**{"optimizer.name": "adam", "train.steps_per_dispatch": 3})
+    mesh = parallel.make_mesh(jax.devices()[:2])
+    _, program, state = start_phase(config, mesh)
+    rng = np.random.default_rng(0)
+    batches = [{"image": rng.integers(0, 256, (8, 32, 32, 3), np.uint8),
+                "label": rng.integers(0, 2, 8).astype(np.int32)} for _ in range(3)]
+    single, losses, logits = jax.tree.map(np.array, state), [], []  # (the chain donates state)
+    for batch in batches:
+        single, loss, out = program.train_step(single, parallel.shard_batch(batch, mesh),
+                                               jax.random.key(1))
+        losses.append(loss)
+        logits.append(out)
+    stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+    chained, chain_losses, chain_logits = program.train_chain(
+        state, parallel.shard_batch(stacked, mesh, stacked=True), jax.random.key(1))
+    assert chain_losses.shape == (3,) and chain_logits.shape == (3, 8)
+    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(chained)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert np.array_equal(np.stack(losses), np.asarray(chain_losses))
+    assert np.array_equal(np.stack(logits), np.asarray(chain_logits))
+
+
+@pytest.mark.parametrize("steps, chain, log_every, save_every", [
+    (20, 4, 8, 0), (20, 4, 10, 6), (7, 3, 1, 0), (12, 5, 6, 4), (9, 1, 2, 3)])
+def test_the_dispatch_plan(steps, chain, log_every, save_every):
+    """Every step once, in order; runs of ``chain`` steps where no log step, checkpoint or epoch
+    end falls before their last step, single steps only where one would; and a run resumed at
+    the end of any call dispatches the rest as the uninterrupted one did."""
+    def logs(i):
+        return (i + 1) % log_every == 0 or i + 1 == steps
+
+    def event(i, done):
+        return logs(i) or (save_every and (done + i + 1) % save_every == 0) or i + 1 == steps
+
+    for done in (0, 5):  # steps trained in epochs before this one
+        plan = dispatch_plan(0, steps, done, chain, logs, save_every)
+        assert [d.first for d in plan] == [0] + [d.end for d in plan[:-1]]
+        assert plan[-1].end == steps
+        for d in plan:
+            assert d.end - d.first in (1, chain)
+            assert not any(event(i, done) for i in range(d.first, d.end - 1))
+            assert d.logs == logs(d.end - 1)
+            assert d.saves == bool(save_every and (done + d.end) % save_every == 0)
+            if d.end - d.first == 1 and chain > 1 and d.first + chain <= steps:
+                assert any(event(i, done) for i in range(d.first, d.first + chain - 1))
+        for k, d in enumerate(plan):
+            assert dispatch_plan(d.end, steps, done + d.end, chain, logs, save_every) \
+                == plan[k + 1:]
+    if log_every % chain == 0 and steps % chain == 0 and not save_every:
+        assert all(d.end - d.first == chain for d in plan)
