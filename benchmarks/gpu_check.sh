@@ -6,6 +6,11 @@
 #
 #   python benchmarks/fetch_wheels.py .whl        # once, on a machine with network
 #   bash benchmarks/gpu_check.sh [OUT_DIR]         # on the GPU machine, with .whl/ beside it
+#   PARTS=loop bash benchmarks/gpu_check.sh        # the training loop instead (below)
+#
+# PARTS (default parity,speed) picks the parts; "loop" runs benchmarks/loop_overhead.py for
+# EfficientNetB2's full fine-tune in bfloat16, batch 64, with half the cores as loader
+# workers, one step per call and one call per log interval (at most 500 s; writes loop.jsonl).
 #
 # Compiling dominates: with XLA's autotuning, on an H200, EfficientNetB2's bfloat16 full step
 # took 114 s to compile, ResNet50's and VGG16's about 30 s, the inference programs
@@ -39,13 +44,25 @@ export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENT
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 echo "GPU: ${gpu:-none}; $(python3 -c 'import jax; print("jax", jax.__version__, jax.devices())')"
 
+parts=",${PARTS:-parity,speed},"
+if [[ $parts == *,loop,* ]]; then
+  echo "== loop_overhead: EfficientNetB2 full fine-tune, bfloat16, batch 64"
+  # (no preallocation: the loader's worker processes import JAX too)
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 500 python3 benchmarks/loop_overhead.py \
+    --cases efficientnetb2_full --dtype bfloat16 \
+    --workers $(( $(nproc) / 2 )) --steps 40 --repeats 1 --dispatch 1,log 2>/dev/null \
+    | grep --line-buffered '^{' | tee -a "$out/loop.jsonl"
+fi
+
+if [[ $parts == *,parity,* ]]; then
 echo "== parity with keras.applications on the GPU (JAX_DEFAULT_MATMUL_PRECISION=highest)"
 # One pytest worker per case: the cases are compile-bound (114-150+ s with 8 workers on an H200).
 XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest timeout 180 \
   python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_backbones_parity.py 2>&1 | tail -3
 echo "parity done after $(elapsed)"
+fi
 
-for run in "bfloat16 full,frozen,infer 240" "float32 infer 50"; do
+[[ $parts == *,speed,* ]] && for run in "bfloat16 full,frozen,infer 240" "float32 infer 50"; do
   set -- $run
   echo "== speed, $1: $2"
   timeout "$3" python3 benchmarks/train_speed.py --models vgg16,resnet50,efficientnetb2 \

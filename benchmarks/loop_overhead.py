@@ -3,23 +3,25 @@
 For each case prints one JSON line: ``step_img_s`` (the phase's jitted train step alone, on
 one batch already on the devices, dispatched ahead as the loop dispatches it: the median over
 blocks of the loop's log interval, at least three and ``--steps`` steps in all, timed before
-and again after the loop), ``loop_img_s`` (a real
-``train_and_evaluate`` epoch through the loader, from the loop's own progress lines after the
-first interval, median) and ``loop_efficiency``, their ratio.
+and again after the loop), ``loop_img_s`` (a real ``train_and_evaluate`` epoch through the
+loader, from the loop's own progress lines after the first interval, median) and
+``loop_efficiency``, their ratio.
 
     python benchmarks/loop_overhead.py [--cases smallcnn,efficientnetb2_frozen] [--devices 4]
         [--workers 0] [--repeats 3] [--dispatch 1,log] [--baseline /tmp/fracture_jax_old]
 
 Cases: ``smallcnn`` (96 px, batch 64), ``smallcnn_tiny`` (32 px, batch 16: a step of
-milliseconds on a 2-core CPU) and ``efficientnetb2_frozen`` (260 px, batch 32, random weights,
-backbone frozen, augmentation on). The data are phantoms
-written at the case's size into a temporary folder. ``--dispatch`` lists the
+milliseconds on a 2-core CPU), ``efficientnetb2_frozen`` (260 px, batch 32, random weights,
+backbone frozen, augmentation on) and ``efficientnetb2_full`` (260 px, batch 64, fine-tuned
+whole: an accelerator's case, e.g. ``JAX_PLATFORMS=cuda python benchmarks/loop_overhead.py
+--cases efficientnetb2_full --dtype bfloat16 --workers 8 --repeats 1 --dispatch 1,log``). The
+data are phantoms written at the case's size into a temporary folder. ``--dispatch`` lists the
 ``train.steps_per_dispatch`` values to run each case with (default: 1, the loop's default;
 ``log``: the case's log interval, one call per progress line); the step figure is always one
-step per call. With ``--baseline DIR`` (another checkout,
-e.g. a ``git worktree`` of an older commit) each case runs there too, right after. Each case
-runs ``--repeats`` times, the trees and dispatch values interleaved, and a ``summary`` line
-gives the medians: on a 2-core CPU one run's step figure alone can move by 1.5x.
+step per call. With ``--baseline DIR`` (another checkout, e.g. a ``git worktree`` of an older
+commit) each case runs there too, right after. Each case runs ``--repeats`` times, the trees
+and dispatch values interleaved, and a ``summary`` line gives the medians: on a 2-core CPU one
+run's step figure alone can move by 1.5x.
 """
 
 import argparse
@@ -39,15 +41,17 @@ CASES = {  # model, image size, batch, freeze, steps per epoch, log every
     "smallcnn": ("smallcnn", 96, 64, "none", 60, 10),
     "smallcnn_tiny": ("smallcnn", 32, 16, "none", 120, 20),  # a step of milliseconds here
     "efficientnetb2_frozen": ("efficientnetb2", 260, 32, "all", 12, 3),
+    "efficientnetb2_full": ("efficientnetb2", 260, 64, "none", 60, 10),  # for an accelerator
 }
 
 
-def _config(case: str, root: str, workers: int, dispatch: int = 1):
+def _config(case: str, root: str, workers: int, dispatch: int = 1, dtype: str = "float32"):
     from configs import default
     model, size, batch, freeze, steps, every = CASES[case]
     c = default.get_config()
     c.data.root, c.data.num_workers = root, workers
     c.model.name, c.model.image_size, c.model.pretrained = model, size, None
+    c.model.dtype = dtype
     c.train.batch_size, c.train.freeze, c.train.epochs = batch, freeze, 1
     c.train.steps_per_epoch, c.train.log_every, c.train.checkpoint_every = steps, every, 0
     c.train.cache_features = "off"
@@ -133,7 +137,7 @@ def run_case(case: str, a) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         per_class = max(24, steps * batch // 2 + batch)
         root = str(write_phantoms(os.path.join(tmp, "data"), per_class, size, seed=0))
-        config = _config(case, root, a.workers, a.dispatch)
+        config = _config(case, root, a.workers, a.dispatch, a.dtype)
         timer = step_timer(config, a.steps)
         before = timer()  # the step is timed before and after the loop, and their blocks'
         loop = loop_speed(config, os.path.join(tmp, "run"))  # median taken: this machine's
@@ -141,7 +145,8 @@ def run_case(case: str, a) -> dict:
     step = statistics.median(before + after)
     import jax
     return {"bench": "loop_overhead", "case": case, "tree": a.tree, "image_size": size,
-            "batch": batch, "devices": jax.device_count(), "workers": a.workers,
+            "batch": batch, "devices": jax.device_count(), "platform": jax.devices()[0].platform,
+            "dtype": a.dtype, "workers": a.workers,
             "steps_per_dispatch": int(a.dispatch),
             "step_img_s": round(step, 2), "step_img_s_before_after": [
                 round(statistics.median(before), 2), round(statistics.median(after), 2)],
@@ -162,6 +167,7 @@ def main():
     p.add_argument("--dispatch", default="1",
                    help="train.steps_per_dispatch values, comma-separated; 'log': the case's "
                         "log interval (which should be a multiple of each)")
+    p.add_argument("--dtype", default="float32", help="model.dtype (bfloat16 on a GPU or TPU)")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child process
     p.add_argument("--tree", default=str(ROOT), help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -197,7 +203,7 @@ def _child(case: str, tree: str, dispatch: str, a) -> dict:
                             f" --xla_force_host_platform_device_count={a.devices}")
     out = subprocess.run([sys.executable, __file__, "--one", "--cases", case, "--workers",
                           str(a.workers), "--steps", str(a.steps), "--tree", tree,
-                          "--dispatch", dispatch],
+                          "--dispatch", dispatch, "--dtype", a.dtype],
                          cwd=tree, env=env, capture_output=True, text=True)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     return json.loads(lines[-1]) if lines else {"case": case, "tree": tree,
