@@ -23,6 +23,16 @@ REPO = Path(__file__).resolve().parents[1]
 FRACATLAS = Path(os.environ.get("FRACATLAS_DIR", REPO.parent / "shared" / "data" / "fracatlas"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _children_share_one_xla_cache(tmp_path_factory):
+    """The ``main.py`` processes the tests start compile the same programs: with one persistent
+    XLA cache for the session each is compiled once (a resume test's tiny run: 54 s, then 39 s
+    once its programs are cached). Set after JAX's import, so this process does not use it."""
+    import jax  # noqa: F401  (JAX reads its settings when imported)
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("xla_cache")))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+
+
 @pytest.fixture(scope="session")
 def phantom_root(tmp_path_factory) -> Path:
     """A small phantom data set in the seed's layout (12 train images per class, 64 px)."""
