@@ -4,6 +4,7 @@ Real X-rays come from ``../shared/data/fracatlas`` (or ``$FRACATLAS_DIR``) when 
 otherwise the tests that use them run on phantoms generated here.
 """
 
+import importlib
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
@@ -28,7 +29,7 @@ def _children_share_one_xla_cache(tmp_path_factory):
     """The ``main.py`` processes the tests start compile the same programs: with one persistent
     XLA cache for the session each is compiled once (a resume test's tiny run: 54 s, then 39 s
     once its programs are cached). Set after JAX's import, so this process does not use it."""
-    import jax  # noqa: F401  (JAX reads its settings when imported)
+    importlib.import_module("jax")  # JAX reads its settings when imported
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("xla_cache")))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
