@@ -188,11 +188,12 @@ def main():
                 print(json.dumps(result), flush=True)
                 if "error" not in result:
                     runs.setdefault(variant, []).append(result)
-        for (tree, k), found in runs.items():
+        for (tree, _), found in runs.items():
             print(json.dumps({"summary": "loop_overhead", "case": case, "tree": tree,
-                              "steps_per_dispatch": k, "runs": len(found)} | {
-                k: statistics.median(r[k] for r in found)
-                for k in ("step_img_s", "loop_img_s", "loop_efficiency")}), flush=True)
+                              "steps_per_dispatch": found[0]["steps_per_dispatch"],
+                              "runs": len(found)} | {
+                field: statistics.median(r[field] for r in found)
+                for field in ("step_img_s", "loop_img_s", "loop_efficiency")}), flush=True)
 
 
 def _child(case: str, tree: str, dispatch: str, a) -> dict:

@@ -435,6 +435,10 @@ class Dispatch:
     logs: bool
     saves: bool
 
+    @property
+    def count(self) -> int:
+        return self.end - self.first
+
 
 def dispatch_plan(first: int, steps: int, done: int, chain: int, logs, save_every: int
                   ) -> list[Dispatch]:
@@ -470,7 +474,7 @@ class _Feed:
         while (self.loaded < min(d + self.ahead + 1, len(self.plan))
                and (self.loaded == d or not self.plan[self.loaded - 1].saves)):
             run = self.plan[self.loaded]
-            host = [next(self.batches) for _ in range(run.end - run.first)]
+            host = [next(self.batches) for _ in range(run.count)]
             batch = (parallel.shard_batch(host[0], self.mesh) if len(host) == 1 else
                      parallel.shard_batch({k: np.stack([b[k] for b in host]) for k in host[0]},
                                           self.mesh, stacked=True))
@@ -618,9 +622,9 @@ class _Trainer:
         feed, in_flight = _Feed(batches, self.mesh, plan), collections.deque()
         for d, run in enumerate(plan):
             batch = feed.take(d)
-            train = program.train_step if run.end - run.first == 1 else program.train_chain
+            train = program.train_step if run.count == 1 else program.train_chain
             state, loss, logits = train(state, batch, self.rng)
-            step += run.end - run.first
+            step += run.count
             outputs.put(run.first, logits, batch["label"])
             loop.step_in_epoch = run.end
             in_flight.append(loss)

@@ -236,14 +236,14 @@ def test_the_dispatch_plan(steps, chain, log_every, save_every):
         assert [d.first for d in plan] == [0] + [d.end for d in plan[:-1]]
         assert plan[-1].end == steps
         for d in plan:
-            assert d.end - d.first in (1, chain)
+            assert d.count in (1, chain)
             assert not any(event(i, done) for i in range(d.first, d.end - 1))
             assert d.logs == logs(d.end - 1)
             assert d.saves == bool(save_every and (done + d.end) % save_every == 0)
-            if d.end - d.first == 1 and chain > 1 and d.first + chain <= steps:
+            if d.count == 1 and chain > 1 and d.first + chain <= steps:
                 assert any(event(i, done) for i in range(d.first, d.first + chain - 1))
         for k, d in enumerate(plan):
             assert dispatch_plan(d.end, steps, done + d.end, chain, logs, save_every) \
                 == plan[k + 1:]
     if log_every % chain == 0 and steps % chain == 0 and not save_every:
-        assert all(d.end - d.first == chain for d in plan)
+        assert all(d.count == chain for d in plan)
